@@ -1,0 +1,306 @@
+"""Spec resolution: template defaults, then the user's YAML, then dotted overrides, then validation.
+
+``load_spec`` is the one public entry point; every failure is a :class:`SpecError` whose message
+names the key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import jsonschema
+import yaml
+
+from .errors import SpecError
+from .experiment import ACTION_SECTIONS, ACTIONS, COMMON_KEYS, ExperimentConfig
+from .model import SWIN_PRESETS, resolve_swin
+from .rules import check_rules
+from .schema import action_schema, defaults_for, iter_leaves, secret_keys
+
+
+Overrides = Union[Mapping[str, Any], Sequence[str], None]
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(action: str) -> Dict[str, Any]:
+    return action_schema(action)
+
+
+@functools.lru_cache(maxsize=None)
+def _leaves(action: str) -> Dict[str, Dict[str, Any]]:
+    return dict(iter_leaves(_schema(action)))
+
+
+def _section_keys(action: str) -> List[str]:
+    keys = []
+
+    def walk(schema: Dict[str, Any], prefix: str) -> None:
+        for name, sub in schema.get("properties", {}).items():
+            if sub.get("type") == "object":
+                keys.append(prefix + name)
+                walk(sub, prefix + name + ".")
+
+    walk(_schema(action), "")
+    return keys
+
+
+def nearest_keys(action: str, key: str, n: int = 3) -> List[str]:
+    """Valid keys of the action closest to a misspelt one."""
+    candidates = list(_leaves(action)) + _section_keys(action)
+    close = difflib.get_close_matches(key, candidates, n=n, cutoff=0.6)
+    last = key.rsplit(".", 1)[-1]
+    same_leaf = [c for c in candidates if c.rsplit(".", 1)[-1] == last and c not in close]
+    leaf_close = [c for c in candidates if c not in close and c not in same_leaf
+                  and difflib.get_close_matches(last, [c.rsplit(".", 1)[-1]], n=1, cutoff=0.75)]
+    return (close + same_leaf + leaf_close)[:n]
+
+
+def _unknown_key_error(action: str, key: str) -> SpecError:
+    top = key.split(".", 1)[0]
+    hint = ""
+    for other, sections in ACTION_SECTIONS.items():
+        if top in sections and top not in ACTION_SECTIONS[action]:
+            hint = f" The section '{top}' belongs to other actions ({', '.join(a for a, s in ACTION_SECTIONS.items() if top in s)}); action {action} does not read it."
+            break
+    near = nearest_keys(action, key)
+    suggestion = f" Did you mean {', '.join(repr(k) for k in near)}?" if near else ""
+    return SpecError(f"Unknown key '{key}' for action {action}.{suggestion}{hint}")
+
+
+def parse_override_words(words: Sequence[str]) -> Dict[str, Any]:
+    """``key=value`` words from a command line; values are YAML-typed (``10``, ``true``, ``[1, 2]``)."""
+    parsed: Dict[str, Any] = {}
+    for word in words:
+        if "=" not in word:
+            raise SpecError(f"Override '{word}' is not of the form key=value (for example train.num_epochs=10).")
+        key, raw = word.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise SpecError(f"Override '{word}' has an empty key.")
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw.strip() != "" else None
+        except yaml.YAMLError as exc:
+            raise SpecError(f"Override '{key}': the value {raw!r} is not valid YAML ({exc.problem}).") from None
+    return parsed
+
+
+def _coerce(value: Any, leaf: Dict[str, Any]) -> Any:
+    """Read numbers YAML 1.1 leaves as strings (``1e-4``) as numbers where the key wants one."""
+    types = leaf.get("type")
+    types = types if isinstance(types, list) else [types]
+    if isinstance(value, str) and ("number" in types or "integer" in types):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if "integer" in types and number.is_integer() and "number" not in types:
+            return int(number)
+        return number
+    if isinstance(value, list) and leaf.get("type") == "array" or (isinstance(value, list) and "array" in types):
+        item = leaf.get("items", {})
+        return [_coerce(v, item) for v in value]
+    return value
+
+
+def _set_dotted(tree: Dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _merge_mapping(action: str, base: Dict[str, Any], incoming: Mapping[str, Any], prefix: str, source: str) -> None:
+    leaves = _leaves(action)
+    for name, value in incoming.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str):
+            raise SpecError(f"{source}: key {name!r} under '{prefix.rstrip('.') or '(top level)'}' is not a string.")
+        if key in leaves:
+            base[name] = _coerce(copy.deepcopy(value), leaves[key])
+        elif key in _section_keys(action):
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise SpecError(f"{source}: '{key}' is a section and takes a mapping of keys, got {value!r}.")
+            _merge_mapping(action, base.setdefault(name, {}), value, key + ".", source)
+        else:
+            raise _unknown_key_error(action, key)
+
+
+def _apply_overrides(action: str, tree: Dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    leaves = _leaves(action)
+    sections = set(_section_keys(action))
+    for key, value in overrides.items():
+        if key in leaves:
+            _set_dotted(tree, key, _coerce(copy.deepcopy(value), leaves[key]))
+        elif key in sections and isinstance(value, Mapping):
+            node = tree
+            for part in key.split("."):
+                node = node.setdefault(part, {})
+            _merge_mapping(action, node, value, key + ".", "override")
+        else:
+            raise _unknown_key_error(action, key)
+
+
+def _describe_allowed(schema: Dict[str, Any]) -> str:
+    parts = []
+    types = schema.get("type")
+    if types:
+        types = types if isinstance(types, list) else [types]
+        names = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+                 "array": "a list", "object": "a mapping", "null": "null"}
+        parts.append(" or ".join(names.get(t, t) for t in types))
+    if "enum" in schema:
+        parts.append("one of " + ", ".join(repr(v) for v in schema["enum"]))
+    if "minimum" in schema:
+        parts.append(f">= {schema['minimum']}")
+    if "exclusiveMinimum" in schema:
+        parts.append(f"> {schema['exclusiveMinimum']}")
+    if "maximum" in schema:
+        parts.append(f"<= {schema['maximum']}")
+    if "multipleOf" in schema:
+        parts.append(f"a multiple of {schema['multipleOf']}")
+    if "minItems" in schema or "maxItems" in schema:
+        lo, hi = schema.get("minItems"), schema.get("maxItems")
+        parts.append(f"{lo} items" if lo == hi else f"between {lo or 0} and {hi or 'any number of'} items")
+    if schema.get("type") == "array" and "items" in schema:
+        parts.append("items: " + _describe_allowed(schema["items"]))
+    return "; ".join(parts)
+
+
+def _validation_error(action: str, error: jsonschema.ValidationError) -> SpecError:
+    path = [str(p) for p in error.absolute_path]
+    key_parts, index = [], None
+    for p in path:
+        if p.isdigit():
+            index = int(p)
+            break
+        key_parts.append(p)
+    key = ".".join(key_parts) or "(spec)"
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return _unknown_key_error(action, ".".join(key_parts + [extra[0]]) if extra else key)
+    schema = error.schema
+    where = f" (item {index})" if index is not None else ""
+    given = f"a {type(error.instance).__name__} (value hidden: secret key)" if schema.get("writeOnly") \
+        else repr(error.instance)
+    return SpecError(f"Invalid value for '{key}'{where}: got {given}; expected {_describe_allowed(schema)}.")
+
+
+def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        tp = hints[field.name]
+        kwargs[field.name] = _build_value(tp, value)
+    return cls(**kwargs)
+
+
+def _build_value(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if typing.get_origin(tp) is typing.Union:
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value)
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        return [_build_value(item_tp, v) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def read_spec_file(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"Spec file '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"Spec file '{path}' is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise SpecError(f"Spec file '{path}' must hold a mapping of sections, got {type(data).__name__}.")
+    return dict(data)
+
+
+def resolve_spec_dict(action: str, spec: Optional[Mapping[str, Any]] = None,
+                      overrides: Overrides = None) -> Dict[str, Any]:
+    """Defaults, then ``spec``, then ``overrides``, validated against the action's schema; a plain dict."""
+    if action not in ACTIONS:
+        near = difflib.get_close_matches(action, ACTIONS, n=1)
+        raise SpecError(f"Unknown action '{action}'; expected one of {', '.join(ACTIONS)}."
+                        + (f" Did you mean '{near[0]}'?" if near else ""))
+    tree = defaults_for(action)
+    if spec:
+        _merge_mapping(action, tree, spec, "", "spec")
+    if overrides:
+        if not isinstance(overrides, Mapping):
+            overrides = parse_override_words(list(overrides))
+        _apply_overrides(action, tree, overrides)
+    validator = jsonschema.Draft202012Validator(_schema(action))
+    errors = sorted(validator.iter_errors(tree), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        raise _validation_error(action, errors[0])
+    return tree
+
+
+def load_spec(action: str, spec_path: Optional[Union[str, Path]] = None,
+              overrides: Overrides = None, spec: Optional[Mapping[str, Any]] = None) -> ExperimentConfig:
+    """Resolve an action's spec into a typed :class:`ExperimentConfig`.
+
+    Order: the action's template defaults, the YAML file at ``spec_path`` (or the ``spec`` mapping),
+    then ``overrides`` (a mapping of dotted keys, or ``key=value`` words). Raises :class:`SpecError`.
+    """
+    base = read_spec_file(spec_path) if spec_path is not None else {}
+    if spec:
+        base = _deep_merge(base, spec)
+    tree = resolve_spec_dict(action, base, overrides)
+    config = _from_dict(ExperimentConfig, tree)
+    resolve_swin(config.model.backbone.swin)
+    check_rules(action, config)
+    return config
+
+
+def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(copy.deepcopy(a))
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def spec_to_dict(action: str, config: ExperimentConfig, include_secrets: bool = False) -> Dict[str, Any]:
+    """The resolved spec of an action (its sections only), as written to experiment.yaml.
+
+    Secret keys (``encryption_key``) are left out unless ``include_secrets``: only a private hand-over
+    between processes of one job (a 0600 temporary spec file that is deleted after) may carry them.
+    """
+    full = dataclasses.asdict(config)
+    tree = {k: full[k] for k in COMMON_KEYS + ACTION_SECTIONS[action]}
+    if not include_secrets:
+        for key in secret_keys():
+            *parents, leaf = key.split(".")
+            node = tree
+            for part in parents:
+                node = node.get(part, {})
+            node.pop(leaf, None)
+    return tree
+
+
+__all__ = ["SpecError", "load_spec", "resolve_spec_dict", "parse_override_words", "spec_to_dict", "nearest_keys",
+           "read_spec_file", "SWIN_PRESETS"]

@@ -1,0 +1,66 @@
+"""The `train` section: schedule, optimiser, precision, devices, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from .fields import section, spec_field
+
+
+@dataclass
+class OptimConfig:
+    type: str = spec_field("AdamW", description="Optimiser.", enum=["AdamW"])
+    lr: float = spec_field(2e-4, description="Base learning rate.", exclusive_minimum=0, maximum=1,
+                           automl_enabled=True, automl_min=1e-6, automl_max=1e-2, automl_log_scale=True,
+                           popular=True)
+    backbone_multiplier: float = spec_field(0.1, description="Learning-rate factor for the backbone.", minimum=0,
+                                            maximum=1, automl_enabled=True, automl_min=0.01, automl_max=1.0)
+    weight_decay: float = spec_field(0.05, description="Weight decay (none on norms, embeddings and position "
+                                                       "tables).", minimum=0, maximum=1, automl_enabled=True,
+                                     automl_min=1e-4, automl_max=0.2, automl_log_scale=True)
+    momentum: float = spec_field(0.9, description="AdamW beta1.", minimum=0, maximum=0.999, automl_enabled=True,
+                                 automl_min=0.8, automl_max=0.95)
+    lr_scheduler: str = spec_field("MultiStep", description="MultiStep: decay by gamma at each milestone epoch; "
+                                                            "WarmupPoly: polynomial decay to zero over the run.",
+                                   enum=["MultiStep", "WarmupPoly"])
+    milestones: List[int] = spec_field([88, 96], description="MultiStep: epochs at which the rate is multiplied by "
+                                                             "gamma.", minimum=1)
+    gamma: float = spec_field(0.1, description="MultiStep: decay factor.", exclusive_minimum=0, maximum=1)
+    warmup_iters: int = spec_field(0, description="Linear warm-up steps from lr * warmup_factor (both schedulers).",
+                                   minimum=0)
+    warmup_factor: float = spec_field(1e-3, description="Starting fraction of lr during warm-up.", exclusive_minimum=0,
+                                      maximum=1)
+    poly_power: float = spec_field(0.9, description="WarmupPoly: power of the polynomial decay.",
+                                   exclusive_minimum=0)
+
+
+@dataclass
+class TrainConfig:
+    num_gpus: int = spec_field(1, description="GPUs per node (ignored on a CPU-only machine, which trains on CPU "
+                                              "processes).", minimum=1)
+    gpu_ids: List[int] = spec_field([0], description="GPU indices on this node.", minimum=0)
+    num_nodes: int = spec_field(1, description="Nodes (multi-node reads WORLD_SIZE, NODE_RANK, MASTER_ADDR, "
+                                               "MASTER_PORT).", minimum=1)
+    seed: int = spec_field(1234, description="Random seed.", minimum=0)
+    num_epochs: int = spec_field(10, description="Epochs.", minimum=1, popular=True)
+    checkpoint_interval: int = spec_field(1, description="Save a checkpoint every N units "
+                                                         "(checkpoint_interval_unit).", minimum=1)
+    checkpoint_interval_unit: str = spec_field("epoch", description="Unit of checkpoint_interval.",
+                                               enum=["epoch", "step"])
+    validation_interval: int = spec_field(1, description="Validate every N epochs.", minimum=1)
+    resume_training_checkpoint_path: Optional[str] = spec_field(
+        None, description="Checkpoint to resume from (default: the latest in results_dir).", nullable=True)
+    pretrained_model_path: Optional[str] = spec_field(
+        None, description="Start from these weights (a checkpoint of this tool or an imported one; class head "
+                          "dropped when num_classes differs): path, file://, s3:// or https://.", nullable=True,
+        popular=True)
+    pretrained_model_sha256: Optional[str] = spec_field(
+        None, description="Expected SHA-256 (64 hex digits) of pretrained_model_path; a download or file that "
+                          "differs is refused.", nullable=True)
+    freeze: List[str] = spec_field([], description="Parameter-name prefixes to freeze, e.g. ['backbone'].")
+    clip_grad_norm: float = spec_field(0.1, description="Clip the global gradient norm (0: off).", minimum=0)
+    precision: str = spec_field("fp32", description="Training precision (bf16/fp16 autocast; the pixel decoder "
+                                                    "stays fp32).", enum=["fp32", "fp16", "bf16"])
+    distributed_strategy: str = spec_field("ddp", description="Multi-device strategy.", enum=["ddp", "fsdp"])
+    optim: OptimConfig = section(OptimConfig, "Optimiser and learning-rate schedule.")
