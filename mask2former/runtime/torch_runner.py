@@ -1,0 +1,54 @@
+"""Run a PyTorch checkpoint: the model rebuilt from its recorded architecture, wrapped in InferenceModel.
+
+An encrypted checkpoint is decrypted in memory with the spec's ``encryption_key`` (never on disk).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, build_model_from_checkpoint
+from ..config.model import ModelConfig
+from ..actions.job import ActionError
+from .inference_model import InferenceModel
+
+
+class TorchRunner:
+    """Any input size and batch size; outputs stay on ``device``."""
+
+    fixed_input_size = None
+    max_batch_size = None
+
+    def __init__(self, model: nn.Module, *, model_cfg: ModelConfig, device: Union[str, torch.device]) -> None:
+        self.device = torch.device(device)
+        self.mode = model_cfg.mode
+        self.num_classes = int(model_cfg.sem_seg_head.num_classes)
+        self.model = InferenceModel(model, mode=model_cfg.mode, topk=model_cfg.test_topk_per_image)
+        self.model.to(self.device).eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, Path, Dict[str, Any]], *, model_cfg: Optional[ModelConfig],
+                        device: Union[str, torch.device], encryption_key: Optional[str] = None) -> "TorchRunner":
+        """The checkpoint's architecture; mode, thresholds and top-k from ``model_cfg`` when given.
+        ``encryption_key`` opens an encrypted checkpoint."""
+        try:
+            model, config = build_model_from_checkpoint(path, model_cfg, encryption_key=encryption_key)
+        except CheckpointError as exc:
+            raise ActionError(str(exc)) from exc
+        return cls(model, model_cfg=config, device=device)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"TorchRunner expects images [B, 3, H, W]; got {tuple(images.shape)}")
+        return self.model(images.to(self.device, dtype=torch.float32))
+
+
+def load(path: Union[str, Path], config: Any, device: torch.device) -> TorchRunner:
+    """Runner loader of kind 'checkpoint' (see mask2former.runtime.load_runner)."""
+    return TorchRunner.from_checkpoint(path, model_cfg=config.model, device=device,
+                                       encryption_key=getattr(config, "encryption_key", None))
