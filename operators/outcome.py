@@ -1,0 +1,86 @@
+"""What a finished job left behind, as the small JSON-safe XCom dict the operators return.
+
+``{"action", "job_id", "results_dir", "status", "metrics", "artifacts"}``: ``results_dir`` and every
+artifact are URIs of the published folder; ``metrics`` keeps the scalar values of metrics.json
+(nested mappings flattened to dotted keys, lists such as per-class tables left in the file).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from mask2former import results
+from mask2former.data.sources import join_uri
+
+#: At most this many metric values travel in XCom; the rest stay in metrics.json.
+MAX_XCOM_METRICS = 64
+#: Flattening depth of nested metric mappings ({"panoptic": {"PQ": ...}} -> "panoptic.PQ").
+MAX_METRIC_DEPTH = 3
+
+
+def small_metrics(metrics: Mapping[str, Any]) -> Dict[str, Any]:
+    """Scalar metrics (numbers, strings, booleans) flattened to dotted keys; NaN/inf become None."""
+    flat: Dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str, depth: int) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                if depth < MAX_METRIC_DEPTH:
+                    walk(value, name + ".", depth + 1)
+            elif isinstance(value, bool) or isinstance(value, (int, str)):
+                flat[name] = value
+            elif isinstance(value, float):
+                flat[name] = value if math.isfinite(value) else None
+            if len(flat) >= MAX_XCOM_METRICS:
+                return
+
+    walk(metrics, "", 1)
+    return dict(list(flat.items())[:MAX_XCOM_METRICS])
+
+
+def find_metric(metrics: Mapping[str, Any], name: str) -> Optional[float]:
+    """A metric by name in (flattened) metrics: the exact key, else the one key ending in ``.name``."""
+    if isinstance(metrics.get(name), (int, float)) and not isinstance(metrics.get(name), bool):
+        return float(metrics[name])
+    matches = [v for k, v in metrics.items() if k.endswith("." + name) and isinstance(v, (int, float))
+               and not isinstance(v, bool)]
+    return float(matches[0]) if len(matches) == 1 else None
+
+
+def collect_artifacts(folder: Path, publish_uri: str) -> Dict[str, str]:
+    """URIs of the models a job folder holds: checkpoint (latest), best_checkpoint, onnx, engine, quantized."""
+    found: Dict[str, str] = {}
+    checkpoints = results.list_checkpoints(folder)
+    if (folder / results.LATEST_CHECKPOINT).is_file():
+        found["checkpoint"] = results.LATEST_CHECKPOINT
+    elif checkpoints:
+        found["checkpoint"] = checkpoints[-1].path.name
+    best = results.read_best(folder)
+    if best and (folder / best["checkpoint"]).is_file():
+        found["best_checkpoint"] = best["checkpoint"]
+    for kind, name in (("onnx", results.ONNX_FILE), ("engine", results.ENGINE_FILE)):
+        if (folder / name).is_file():
+            found[kind] = name
+    try:
+        found["quantized"] = results.resolve_parent_model(folder, kind="quantized").name
+    except results.ParentModelError:
+        pass
+    if (folder / results.METRICS_FILE).is_file():
+        found["metrics"] = results.METRICS_FILE
+    return {kind: join_uri(publish_uri, name) for kind, name in found.items()}
+
+
+def job_outcome(*, action: str, job_id: str, folder: Path, publish_uri: str) -> Dict[str, Any]:
+    """The XCom dict of a job from its folder (local, or an index of the published one)."""
+    lines = results.read_status(folder)
+    return {
+        "action": action,
+        "job_id": job_id,
+        "results_dir": publish_uri,
+        "status": lines[-1]["status"] if lines else None,
+        "metrics": small_metrics(results.read_metrics(folder)),
+        "artifacts": collect_artifacts(folder, publish_uri),
+    }

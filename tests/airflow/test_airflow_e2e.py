@@ -1,0 +1,253 @@
+"""End to end on a real Airflow (scheduler, dag-processor and API server processes; LocalExecutor;
+SQLite): DAGs triggered through the REST API with trigger params, datasets in a moto S3 server reached
+through the ``aws_default`` connection, real engine jobs on a tiny model.
+
+* the pipeline: every task's XCom, the published results folders, the metrics; the training process is
+  killed after its first checkpoint and the retried task resumes from it; credentials appear nowhere;
+* a bad override in the trigger params fails the first task, naming the key, before any download;
+* a backfill of the retrain DAG over two logical dates trains each partition into its own folders,
+  and the champion/challenger decision is returned with both numbers;
+* the plugin's job page, reached from a task's extra link with a JWT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from airflow_stack import AirflowStack
+from operators.jobs import job_id
+from helpers import make_dataset, tiny_overrides, upload_tree
+from s3_server import moto_endpoint, moto_server, new_bucket, s3_client  # noqa: F401 - pytest fixtures
+
+pytestmark = pytest.mark.slow
+
+SECRET = "m2f-e2e-secret-never-logged"
+ACCESS_KEY = "AKIAM2FE2ETEST"
+PIPELINE = "mask2former_pipeline"
+RETRAIN = "mask2former_retrain"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e-data")
+    make_dataset(root / "synthetic", images=4, val_images=2, size=64)
+    retrain = root / "retrain"
+    for day, seed in (("2024-01-01", 1), ("2024-01-08", 2)):
+        make_dataset(root / f"part-{seed}", images=4, val_images=2, size=64, seed=seed)
+        (retrain / day).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(root / f"part-{seed}" / "train", retrain / day)
+    os.symlink(root / "synthetic" / "val", retrain / "eval")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, moto_endpoint, data):
+    home = tmp_path_factory.mktemp("airflow-e2e")
+    connection = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET,
+                  "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
+    stack = AirflowStack(home, extra_env={
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection),
+        "MASK2FORMER_RESULTS_ROOT": str(home / "results"),
+        "MASK2FORMER_WORK_DIR": str(home / "work"),
+        "MASK2FORMER_CACHE_DIR": str(home / "cache"),
+        "MASK2FORMER_DATA_ROOT": str(data / "retrain"),
+        "MASK2FORMER_EVAL_DATASET": str(data / "retrain" / "eval"),
+    })
+    try:
+        stack.start()
+        stack.wait_dag(PIPELINE)
+        stack.wait_dag(RETRAIN)
+        stack.unpause(PIPELINE)
+        yield stack
+    finally:
+        stack.stop()
+
+
+#: The task that trains when the AutoML policy is off (the pipeline's training stage is operators/automl.py's
+#: task group; its `train` task returns the chosen model's XCom).
+TRAIN_TASK = "training.direct_train"
+#: Epochs of the killed-and-resumed training: the kill lands after the first, so the retry trains the rest.
+EPOCHS = 3
+
+
+def pipeline_conf(train: str, val: str, **extra) -> dict:
+    conf = {"train_datasets": train, "eval_dataset": val, "dataset_format": "coco_panoptic", "mode": "panoptic",
+            "num_classes": 13, "num_epochs": 1, "learning_rate": 0.0002, "spec_overrides": tiny_overrides(),
+            "automl_policy": "off"}
+    conf.update(extra)
+    return conf
+
+
+def test_bad_override_in_trigger_params_fails_the_first_task_before_staging(stack, moto_server, data):
+    client = s3_client(moto_server.endpoint_url)
+    bucket = new_bucket(moto_server.endpoint_url)
+    upload_tree(client, data / "synthetic", bucket, "data")
+    conf = pipeline_conf(f"s3://{bucket}/data/train", f"s3://{bucket}/data/val",
+                         spec_overrides={**tiny_overrides(), "model.mask_former.num_object_querys": 5})
+    run_id = stack.trigger(PIPELINE, conf)
+    assert stack.wait_run(PIPELINE, run_id, timeout=180) == "failed"
+    states = stack.task_states(PIPELINE, run_id)
+    assert states[TRAIN_TASK] == "failed" and states["evaluate"] == "upstream_failed"
+    assert stack.task_instances(PIPELINE, run_id)[TRAIN_TASK]["try_number"] == 1  # a spec error is not retried
+    log = stack.task_log(PIPELINE, run_id, TRAIN_TASK)
+    assert "model.mask_former.num_object_querys" in log and "model.mask_former.num_object_queries" in log
+    assert moto_server.object_gets(bucket) == []  # nothing was downloaded
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(stack, moto_server, data):
+    """The pipeline on S3 data with S3 results; its training process is killed after the first checkpoint."""
+    client = s3_client(moto_server.endpoint_url)
+    bucket = new_bucket(moto_server.endpoint_url)
+    upload_tree(client, data / "synthetic", bucket, "data")
+    conf = pipeline_conf(f"s3://{bucket}/data/train", f"s3://{bucket}/data/val", num_epochs=EPOCHS,
+                         results_root=f"s3://{bucket}/results")
+    run_id = stack.trigger(PIPELINE, conf)
+    killed_pid = kill_training_after_first_checkpoint(stack.home / "work" / PIPELINE, TRAIN_TASK, timeout=300)
+    state = stack.wait_run(PIPELINE, run_id, timeout=600)
+    return {"run_id": run_id, "state": state, "bucket": bucket, "client": client, "killed_pid": killed_pid}
+
+
+def kill_training_after_first_checkpoint(work: Path, task_id: str, timeout: float) -> int:
+    """SIGKILL the engine's train process (found by its results folder) once epoch 1 is checkpointed.
+
+    The process is found first and the checkpoint then polled every 20 ms: an epoch of the tiny model takes
+    about a second, and a slower poll could kill the job after its last epoch instead of in the middle."""
+    deadline = time.monotonic() + timeout
+    pid = None
+    while time.monotonic() < deadline:
+        if pid is None:
+            pid = _train_process(work.glob(f"*/{task_id}"))
+        elif any(work.glob(f"*/{task_id}/model_epoch_001_step_*.pth")):
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.2 if pid is None else 0.02)
+    raise TimeoutError(f"no train checkpoint under {work} after {timeout} s")
+
+
+def _train_process(folders) -> int | None:
+    folders = {str(folder) for folder in folders}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "mask2former" in cmdline and "train" in cmdline and folders & set(cmdline):
+            return process.info["pid"]
+    return None
+
+
+def test_pipeline_runs_every_stage_and_returns_small_xcoms(stack, pipeline_run):
+    run_id, bucket = pipeline_run["run_id"], pipeline_run["bucket"]
+    states = stack.task_states(PIPELINE, run_id)
+    assert pipeline_run["state"] == "success", (states, stack.tail_logs())
+    expected = {TRAIN_TASK: "success", "train": "success", "evaluate": "success", "export": "success",
+                "gen_trt_engine": "skipped", "quantize": "success", "evaluate_quantized": "success"}
+    assert {task: states[task] for task in expected} == expected
+    prefix = f"s3://{bucket}/results/{PIPELINE}/"
+    train = stack.xcom(PIPELINE, run_id, "train")
+    assert train["action"] == "train" and train["status"] == "SUCCESS"
+    assert train["results_dir"].startswith(prefix) and train["results_dir"].endswith(f"/{TRAIN_TASK}")
+    assert train["artifacts"]["checkpoint"] == train["results_dir"] + "/model_latest.pth"
+    assert train["artifacts"]["best_checkpoint"].startswith(train["results_dir"] + "/model_epoch_")
+    assert train["metrics"]["epochs"] == EPOCHS
+    evaluate = stack.xcom(PIPELINE, run_id, "evaluate")
+    assert evaluate["status"] == "SUCCESS" and 0.0 <= evaluate["metrics"]["mIoU"] <= 100.0
+    assert {"PQ", "AP"} <= set(evaluate["metrics"]) or any(k.endswith(".PQ") for k in evaluate["metrics"])
+    export = stack.xcom(PIPELINE, run_id, "export")
+    assert export["artifacts"]["onnx"] == export["results_dir"] + "/model.onnx"
+    quantized = stack.xcom(PIPELINE, run_id, "quantize")["artifacts"]["quantized"]
+    assert quantized.startswith(prefix) and "quantized_model_" in quantized
+    assert stack.xcom(PIPELINE, run_id, "evaluate_quantized")["metrics"]
+    for task in ("train", "evaluate", "export", "quantize", "evaluate_quantized"):
+        xcom = stack.xcom(PIPELINE, run_id, task)
+        assert len(json.dumps(xcom)) < 8000
+        key = xcom["results_dir"][len(f"s3://{bucket}/"):]
+        names = {o["Key"][len(key) + 1:] for o in pipeline_run["client"].list_objects_v2(
+            Bucket=bucket, Prefix=key + "/")["Contents"]}
+        assert {"_FINISHED", "status.json", "experiment.yaml", "spec.yaml"} <= names, (task, names)
+    skip_log = stack.task_log(PIPELINE, run_id, "gen_trt_engine")
+    assert "needs a CUDA GPU" in skip_log
+
+
+def test_killed_training_fails_its_try_and_the_retry_resumes(stack, pipeline_run):
+    run_id = pipeline_run["run_id"]
+    train = stack.task_instances(PIPELINE, run_id)[TRAIN_TASK]
+    assert train["try_number"] == 2 and train["state"] == "success"
+    first = stack.task_log(PIPELINE, run_id, TRAIN_TASK, 1)
+    assert "failed with exit status -9 (killed by signal 9)" in first
+    status = stack.home / "work" / job_id(PIPELINE, run_id, TRAIN_TASK) / "status.json"
+    lines = [json.loads(line) for line in status.read_text().splitlines()]
+    messages = [line.get("message", "") for line in lines]
+    resuming = [m for m in messages if m.startswith("Resuming from model_epoch_")]
+    assert len(resuming) == 1 and "step 0" not in resuming[0], messages
+    assert any(m.startswith("Training resumed at epoch ") for m in messages), messages
+    assert f"Epoch {EPOCHS}/{EPOCHS} done" in " ".join(messages) and lines[-1]["status"] == "SUCCESS"
+
+
+def test_credentials_appear_in_no_log_xcom_or_spec(stack, pipeline_run):
+    run_id, bucket, client = pipeline_run["run_id"], pipeline_run["bucket"], pipeline_run["client"]
+    for path in list((stack.home / "logs").rglob("*")) + list((stack.home / "work").rglob("*")):
+        if path.is_file() and path.suffix in (".log", ".json", ".yaml", ".txt", ".csv", ""):
+            text = path.read_text(errors="replace")
+            assert SECRET not in text and ACCESS_KEY not in text, path
+    for task in ("train", "evaluate", "export", "quantize"):
+        assert SECRET not in json.dumps(stack.xcom(PIPELINE, run_id, task))
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix="results/")["Contents"]:
+        if obj["Key"].endswith((".yaml", ".json")):
+            assert SECRET.encode() not in client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+
+
+def test_backfill_retrains_each_partition_into_its_own_folder(stack):
+    stack.unpause(RETRAIN)
+    conf = {"spec_overrides": tiny_overrides(), "num_classes": 13, "num_epochs": 1}
+    stack.backfill(RETRAIN, "2024-01-01", "2024-01-09", conf)
+    deadline = time.monotonic() + 600
+    runs = []
+    while time.monotonic() < deadline:
+        runs = [r for r in stack.runs(RETRAIN) if r["run_type"] == "backfill"]
+        if len(runs) == 2 and all(r["state"] in ("success", "failed") for r in runs):
+            break
+        time.sleep(3)
+    assert sorted(r["state"] for r in runs) == ["success", "success"], \
+        ({r["dag_run_id"]: stack.task_states(RETRAIN, r["dag_run_id"]) for r in runs}, stack.tail_logs())
+    runs.sort(key=lambda r: r["logical_date"])
+    folders = []
+    decisions = []
+    for run, day in zip(runs, ("2024-01-01", "2024-01-08")):
+        train = stack.xcom(RETRAIN, run["dag_run_id"], "train")
+        assert stack.xcom(RETRAIN, run["dag_run_id"], "select_partition").endswith(f"/retrain/{day}")
+        folders.append(train["results_dir"])
+        decisions.append(stack.xcom(RETRAIN, run["dag_run_id"], "decide"))
+    assert folders[0] != folders[1] and all(Path(f, "_FINISHED").is_file() for f in folders)
+    assert decisions[0]["decision"] == "promote" and decisions[0]["champion"] is None
+    assert decisions[1]["champion"] == decisions[0]["challenger"]
+    assert decisions[1]["decision"] == ("promote" if decisions[1]["challenger"] > decisions[1]["champion"] else "keep")
+    champion = json.loads((stack.home / "results" / "champion.json").read_text())
+    winner = runs[1] if decisions[1]["decision"] == "promote" else runs[0]
+    assert champion["run_id"] == winner["dag_run_id"] and champion["metric"] == "mIoU"
+    second_states = stack.task_states(RETRAIN, runs[1]["dag_run_id"])
+    assert second_states["evaluate_champion"] == "skipped"  # same evaluation set: the recorded mIoU is used
+    if decisions[1]["decision"] == "keep":
+        assert second_states["export"] == "skipped" and second_states["write_champion"] == "skipped"
+
+
+def test_extra_link_opens_the_plugin_job_page(stack):
+    run = next(r for r in stack.runs(RETRAIN) if r["run_type"] == "backfill")
+    links = stack.links(RETRAIN, run["dag_run_id"], "train")
+    url = links["Mask2Former job"]
+    assert url.startswith(f"{stack.base_url}/mask2former/jobs/{RETRAIN}/")
+    page = stack.api("GET", url[len(stack.base_url):])
+    assert page.status_code == 200 and "<svg" in page.text and "mIoU" in page.text
+    listing = stack.api("GET", "/mask2former/api/jobs").json()
+    assert any(job["job_id"].endswith("/train") and job["status"] == "SUCCESS" for job in listing["jobs"])
+    import requests
+
+    assert requests.get(f"{stack.base_url}/mask2former/api/jobs", timeout=30).status_code == 401
+    plugins = {p["name"]: p for p in stack.api("GET", "/api/v2/plugins").json()["plugins"]}
+    assert plugins["mask2former"]["fastapi_apps"][0]["url_prefix"] == "/mask2former"
+    assert plugins["mask2former"]["external_views"][0]["href"] == "/mask2former/"
