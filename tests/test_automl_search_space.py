@@ -152,16 +152,20 @@ def test_booleans_and_enums_can_be_added():
 @FAST
 @given(seed=st.integers(0, 2**31 - 1))
 def test_hidden_dim_is_a_multiple_of_the_sampled_nheads(seed):
-    """Cross-key rule: nheads is sampled first and hidden_dim is drawn among multiples of lcm(8, nheads)."""
-    # nheads must also divide model.sem_seg_head.convs_dim (256 here, so powers of two; the deformable encoder uses the same
-    # heads), a rule the space does not constrain yet: a trial breaking it is recorded FAIL with the message.
-    space = space_with(custom_ranges={"model.mask_former.nheads": {"valid_min": 1, "valid_max": 16, "math_cond": "^ 2"},
-                                      "model.mask_former.hidden_dim": {"valid_min": 8, "valid_max": 96}},
+    """Cross-key rules: nheads is sampled first; hidden_dim is drawn among multiples of lcm(8, nheads) and
+    convs_dim (which the deformable encoder splits over the same heads) among multiples of lcm(32, nheads)."""
+    space = space_with(custom_ranges={"model.mask_former.nheads": {"valid_min": 1, "valid_max": 12},
+                                      "model.mask_former.hidden_dim": {"valid_min": 8, "valid_max": 96},
+                                      "model.sem_seg_head.convs_dim": {"valid_min": 32, "valid_max": 384}},
                        base_values=BASE_VALUES)
-    assert space.keys.index("model.mask_former.nheads") < space.keys.index("model.mask_former.hidden_dim")
+    order = space.keys
+    assert order.index("model.mask_former.nheads") < order.index("model.mask_former.hidden_dim")
+    assert order.index("model.mask_former.nheads") < order.index("model.sem_seg_head.convs_dim")
     for overrides in samples(space, seed=seed, n=5)[0]:
         hidden, heads = overrides["model.mask_former.hidden_dim"], overrides["model.mask_former.nheads"]
+        convs = overrides["model.sem_seg_head.convs_dim"]
         assert hidden % heads == 0 and hidden % 8 == 0 and 8 <= hidden <= 96
+        assert convs % heads == 0 and convs % 32 == 0 and 32 <= convs <= 384
         load_spec("train", overrides={**DATA, **overrides})
 
 
@@ -181,6 +185,23 @@ def test_infeasible_cross_key_range_is_refused_before_any_trial():
     with pytest.raises(SearchSpaceError, match=r"hidden_dim: no value in \[64, 100\].*nheads"):
         space_with(custom_ranges={"model.mask_former.hidden_dim": {"valid_min": 64, "valid_max": 100}},
                    base_values=base)
+
+
+@pytest.mark.parametrize("fixed", ["hidden_dim", "convs_dim"])
+def test_searched_heads_that_would_not_divide_a_fixed_width_are_refused_before_any_trial(fixed):
+    searched = {"model.mask_former.nheads": {"valid_min": 1, "valid_max": 8}}
+    removed = []
+    if fixed == "convs_dim":  # hidden_dim is searched by default, so only convs_dim (256) stays fixed
+        searched["model.mask_former.hidden_dim"] = {"valid_min": 8, "valid_max": 96}
+    else:
+        searched["model.sem_seg_head.convs_dim"] = {"valid_min": 32, "valid_max": 384}
+        removed.append("model.mask_former.hidden_dim")
+    with pytest.raises(SearchSpaceError, match=rf"model.mask_former.nheads: the draw model.mask_former.nheads=3 "
+                                               rf"breaks the rule that .*{fixed} \(= 256, not searched\)"):
+        space_with(custom_ranges=searched, remove=removed, base_values=BASE_VALUES)
+    # powers of two divide 256: the same search is accepted
+    searched["model.mask_former.nheads"]["math_cond"] = "^ 2"
+    space_with(custom_ranges=searched, remove=removed, base_values=BASE_VALUES)
 
 
 def test_removals_and_additions():

@@ -17,8 +17,10 @@ Each key becomes a :class:`Parameter`:
 * ``log_scale`` (the learning rate and weight decay by default) samples uniformly in log space.
 
 Cross-key rules are respected by construction: a key that another key must divide is sampled first
-and narrows the other's multiple (``hidden_dim`` a multiple of ``nheads``; Swin ``embed_dim`` such
-that every stage width is divisible by its head count). The resulting spec is then validated with
+and narrows the other's multiple (``hidden_dim`` and ``convs_dim`` multiples of ``nheads``; Swin
+``embed_dim`` such that every stage width is divisible by its head count); a searched key whose draws
+would break a rule on a key left at its base value (``nheads`` 6 with ``hidden_dim`` 256) is refused
+when the space is built. The resulting spec is then validated with
 :func:`mask2former.config.load_spec` by the trial; a spec that is still refused fails that trial with
 the loader's message, and the search goes on.
 
@@ -42,6 +44,7 @@ MAX_ENUMERATED = 4096
 
 HIDDEN_DIM = "model.mask_former.hidden_dim"
 NHEADS = "model.mask_former.nheads"
+CONVS_DIM = "model.sem_seg_head.convs_dim"
 SWIN_TYPE = "model.backbone.swin.type"
 SWIN_EMBED_DIM = "model.backbone.swin.embed_dim"
 SWIN_NUM_HEADS = "model.backbone.swin.num_heads"
@@ -54,7 +57,7 @@ class SearchSpaceError(AutoMLConfigError):
 # ----------------------------------------------------------------------------------------- cross-key rules
 
 
-def _hidden_dim_multiple(values: Mapping[str, Any]) -> int:
+def _nheads_multiple(values: Mapping[str, Any]) -> int:
     return int(values.get(NHEADS) or 1)
 
 
@@ -83,7 +86,9 @@ class CrossKeyRule:
 
 
 CROSS_KEY_RULES = (
-    CrossKeyRule(HIDDEN_DIM, (NHEADS,), _hidden_dim_multiple, "a multiple of model.mask_former.nheads"),
+    CrossKeyRule(HIDDEN_DIM, (NHEADS,), _nheads_multiple, "a multiple of model.mask_former.nheads"),
+    CrossKeyRule(CONVS_DIM, (NHEADS,), _nheads_multiple,
+                 "a multiple of model.mask_former.nheads (the pixel decoder's deformable attention uses them)"),
     CrossKeyRule(SWIN_EMBED_DIM, (SWIN_TYPE, SWIN_NUM_HEADS), _embed_dim_multiple,
                  "such that every Swin stage width embed_dim * 2^i is divisible by num_heads[i]"),
 )
@@ -244,8 +249,20 @@ class SearchSpace:
         return sampled
 
     def check_feasible(self, base_values: Mapping[str, Any]) -> None:
-        """Raise :class:`SearchSpaceError` when a rule-bound key has no valid value for some draw of its inputs."""
+        """Raise :class:`SearchSpaceError` when a rule-bound key has no valid value for some draw of its inputs,
+        or when a draw of searched inputs breaks a rule on a key left at its base value."""
         by_key = {p.key: p for p in self.parameters}
+        for rule in CROSS_KEY_RULES:
+            if rule.key in by_key or rule.key not in base_values:
+                continue
+            for inputs in _input_combinations(rule, by_key, base_values):
+                extra = rule.multiple({**base_values, **inputs})
+                if inputs and int(base_values[rule.key]) % extra:
+                    drawn = ", ".join(f"{k}={v}" for k, v in inputs.items())
+                    raise SearchSpaceError(
+                        f"{', '.join(inputs)}: the draw {drawn} breaks the rule that {rule.key} "
+                        f"(= {base_values[rule.key]}, not searched) is {rule.description}; narrow "
+                        f"{', '.join(inputs)} (valid_options or math_cond) or search {rule.key} too.")
         for parameter in self.parameters:
             rule = _RULES_BY_KEY.get(parameter.key)
             if rule is None or parameter.kind == "categorical":
