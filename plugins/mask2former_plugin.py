@@ -1,34 +1,52 @@
 """Airflow 3 plugin: a "Mask2Former jobs" page (FastAPI app on the API server) and the task extra link.
 
-* ``fastapi_apps``: an app mounted at ``/mask2former`` listing the job folders of the local results root
-  with their status, headline metrics (mIoU, PQ, AP), progress plots and images; ``/mask2former/api/jobs``
-  serves the same as JSON. Every route needs an authenticated Airflow user (the UI's session cookie or
-  ``Authorization: Bearer <JWT>``).
+* ``fastapi_apps``: an app mounted at ``/mask2former`` listing the job folders of the results root (local
+  or S3) with their status, headline metrics (mIoU, PQ, AP), progress plots and images, newest first;
+  ``/mask2former/api/jobs`` serves the same as JSON. Every route needs an authenticated Airflow user (the
+  UI's session cookie or ``Authorization: Bearer <JWT>``).
 * ``external_views``: a navigation entry that opens the page inside the Airflow UI.
 * ``operator_extra_links``: "Mask2Former job" on every Mask2Former task, pointing at its job page.
 
 The results root is the Variable ``mask2former_results_root``, else env ``MASK2FORMER_RESULTS_ROOT``, else
-``$AIRFLOW_HOME/mask2former/results`` (the operators' default); only a local root can be browsed.
+``$AIRFLOW_HOME/mask2former/results`` (the operators' default). Every route also takes ``root``: the root
+of a run triggered with its own ``results_root`` (the extra link of such a task carries it); see
+:func:`browsed_root` for which roots are accepted. S3 is read with the Amazon provider's client of the
+``aws_default`` connection, the one the operators publish with.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Annotated, Any, Dict, Optional
 
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 import mask2former_jobs as jobs
+from mask2former.data.sources import local_path_of, uri_scheme
 from operators.links import PLUGIN_URL_PREFIX, Mask2FormerJobLink
 
 RESULTS_ROOT_VARIABLE = "mask2former_results_root"
 RESULTS_ROOT_ENV = "MASK2FORMER_RESULTS_ROOT"
+AWS_CONN_ID = "aws_default"
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+#: Served files never run as a page of this origin (an SVG's script) nor get sniffed into another type.
+FILE_HEADERS = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+
+log = logging.getLogger(__name__)
+
+RootParam = Annotated[Optional[str], Query(description="A run's own results root (s3://bucket/prefix, or the "
+                                                       "configured root); default: the configured results root.")]
+LimitParam = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Jobs shown, newest first.")]
+OffsetParam = Annotated[int, Query(ge=0, description="Newer jobs skipped.")]
 
 
-def results_root() -> Path:
-    """The local results root this page browses (Variable, env, then the operators' default)."""
+def configured_results_root() -> str:
+    """The deployment's results root (Variable, env, then the operators' default)."""
     value = None
     try:
         from airflow.models.variable import Variable
@@ -39,11 +57,60 @@ def results_root() -> Path:
     value = value or os.environ.get(RESULTS_ROOT_ENV)
     if not value:
         home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
-        return home / "mask2former" / "results"
-    if value.startswith("s3://"):
-        raise HTTPException(status_code=501, detail=f"The results root {value} is on S3; this page browses a local "
-                                                    "results root only (open the objects in the S3 console).")
-    return Path(value.removeprefix("file://"))
+        return str(home / "mask2former" / "results")
+    return value
+
+
+def browsed_root(requested: Optional[str]) -> str:
+    """The results root a request browses: the configured one, or ``requested`` if it is allowed (403 if not).
+
+    Allowed: the configured root itself (under any spelling) and any ``s3://`` root. A local path other
+    than the configured root is refused: the pages run in the API server, so accepting one would let every
+    Airflow user read files of that host (``root=/etc``). S3 roots are accepted because a run may publish
+    to its own bucket (trigger param ``results_root``); what can be read there is bounded by the
+    permissions of the ``aws_default`` connection, which the deployment chose, and only job folders (a
+    status.json at dag/run/task depth) are listed and served from. Narrow that connection's policy to the
+    results buckets to narrow what the pages can show.
+    """
+    configured = configured_results_root()
+    if not requested or _same_root(requested, configured):
+        return configured
+    if _is_s3(requested):
+        return requested
+    raise HTTPException(status_code=403, detail="Only the configured results root or an s3:// results root can be "
+                                                "browsed; local paths other than the configured root are refused.")
+
+
+def _is_s3(root: str) -> bool:
+    try:
+        return uri_scheme(root) == "s3"
+    except ValueError:  # another scheme (http://...): not a results root
+        return False
+
+
+def _same_root(one: str, other: str) -> bool:
+    if _is_s3(one) or _is_s3(other):
+        return one.rstrip("/") == other.rstrip("/")
+    try:
+        return Path(local_path_of(one)).resolve() == Path(local_path_of(other)).resolve()
+    except ValueError:
+        return False
+
+
+def s3_client() -> Any:
+    """The S3 client of the ``aws_default`` connection (the Amazon provider, imported on first use)."""
+    from mask2former.data.staging import airflow_s3_client_factory
+
+    return airflow_s3_client_factory(AWS_CONN_ID)
+
+
+def open_root(requested: Optional[str]) -> jobs.JobStore:
+    return jobs.open_store(browsed_root(requested), s3_client)
+
+
+def root_params(requested: Optional[str]) -> Dict[str, str]:
+    """The query the pages' links carry so that they stay on the browsed root."""
+    return {"root": requested} if requested else {}
 
 
 async def require_user(request: Request) -> object:
@@ -56,37 +123,52 @@ async def require_user(request: Request) -> object:
     return await resolve_user_from_token(token)
 
 
+def results_root_error(request: Request, error: jobs.ResultsRootError) -> JSONResponse:
+    """A results root that cannot be read: its status and a message naming the root and what failed."""
+    log.warning("Mask2Former jobs page %s: %s", request.url.path, error.detail)
+    return JSONResponse({"detail": error.detail}, status_code=error.status_code)
+
+
 def build_app() -> FastAPI:
     router = APIRouter(dependencies=[Depends(require_user)])
 
     @router.get("/", response_class=HTMLResponse)
-    def job_list() -> str:
-        root = results_root()
-        return jobs.render_list(root, jobs.list_jobs(root), PLUGIN_URL_PREFIX)
+    def job_list(root: RootParam = None, limit: LimitParam = DEFAULT_LIMIT, offset: OffsetParam = 0) -> str:
+        store = open_root(root)
+        return jobs.render_list(store.location, jobs.list_jobs(store, limit, offset), PLUGIN_URL_PREFIX,
+                                root_params(root))
 
     @router.get("/api/jobs")
-    def job_list_json() -> dict:
-        listed = jobs.list_jobs(results_root())
-        return {"jobs": [jobs.job_json(j) for j in listed], "total_entries": len(listed)}
+    def job_list_json(root: RootParam = None, limit: LimitParam = DEFAULT_LIMIT, offset: OffsetParam = 0) -> dict:
+        store = open_root(root)
+        page = jobs.list_jobs(store, limit, offset)
+        return {"jobs": [jobs.job_json(j) for j in page.jobs], "total_entries": page.total,
+                "results_root": store.location}
 
     @router.get("/jobs/{job:path}", response_class=HTMLResponse)
-    def job_page(job: str) -> str:
-        root = results_root()
-        folder = jobs.job_folder(root, job)
-        if folder is None:
-            raise HTTPException(status_code=404, detail=f"No job {job!r} under {root} (it may not have started yet, "
-                                                        "or its results root is elsewhere).")
-        return jobs.render_job(jobs.read_job(root.resolve(), folder), PLUGIN_URL_PREFIX)
+    def job_page(job: str, root: RootParam = None) -> str:
+        store = open_root(root)
+        found = jobs.load_job(store, job)
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"No job {job!r} under {store.location} (it may not have "
+                                                        "started yet, or its results root is elsewhere).")
+        summary, files = found
+        return jobs.render_job(summary, files, PLUGIN_URL_PREFIX, root_params(root))
 
     @router.get("/files/{relative:path}")
-    def job_file(relative: str) -> FileResponse:
-        path = jobs.served_file(results_root(), relative)
-        if path is None:
+    def job_file(relative: str, root: RootParam = None) -> StreamingResponse:
+        served = jobs.open_served_file(open_root(root), relative)
+        if served is None:
             raise HTTPException(status_code=404, detail=f"No servable file {relative!r}.")
-        return FileResponse(path)
+        opened, media_type = served
+        headers = dict(FILE_HEADERS)
+        if opened.size is not None:
+            headers["Content-Length"] = str(opened.size)
+        return StreamingResponse(opened.chunks, media_type=media_type, headers=headers)
 
     app = FastAPI(title="Mask2Former jobs", description="Mask2Former job folders, metrics and plots.")
     app.include_router(router)
+    app.add_exception_handler(jobs.ResultsRootError, results_root_error)
     return app
 
 

@@ -4,7 +4,9 @@ refusals (no user, paths leaving the results root)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Dict
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,18 +15,24 @@ import mask2former_jobs as jobs
 import mask2former_plugin as plugin
 
 
-def write_job(root: Path, job: str, *, action: str = "train", status: str = "SUCCESS", metrics=None) -> Path:
-    folder = root / job
-    folder.mkdir(parents=True)
+def job_documents(*, action: str = "train", status: str = "SUCCESS", metrics=None) -> Dict[str, bytes]:
+    """The files of a finished job folder: status.json (three validation mIoU values), metrics.json, _FINISHED."""
     lines = [{"date": "2024-01-01", "time": "10:00:00", "status": "STARTED", "message": f"{action} started"}]
     for epoch, miou in ((1, 1.5), (2, 2.5), (3, 4.0)):
         lines.append({"date": "2024-01-01", "time": f"10:0{epoch}:00", "status": "RUNNING", "message": "validation",
                       "epoch": epoch, "max_epoch": 3, "kpi": {"mIoU": miou}})
     lines.append({"date": "2024-01-01", "time": "10:05:00", "status": status, "message": "done <b>"})
-    (folder / "status.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    documents = {"status.json": "".join(json.dumps(line) + "\n" for line in lines).encode(), "_FINISHED": b"{}"}
     if metrics is not None:
-        (folder / "metrics.json").write_text(json.dumps(metrics))
-    (folder / "_FINISHED").write_text("{}")
+        documents["metrics.json"] = json.dumps(metrics).encode()
+    return documents
+
+
+def write_job(root: Path, job: str, **kwargs) -> Path:
+    folder = root / job
+    folder.mkdir(parents=True)
+    for name, content in job_documents(**kwargs).items():
+        (folder / name).write_bytes(content)
     return folder
 
 
@@ -99,3 +107,57 @@ def test_chart_scales_points_into_the_frame():
     ys = [float(p.split(",")[1]) for p in points]
     assert min(xs) >= 0 and max(xs) <= 200 and min(ys) >= 0 and max(ys) <= 100
     assert ys[0] < ys[1]  # the larger value is drawn higher
+
+
+def test_list_is_newest_first_by_status_time_and_limit_pages_it(client, tmp_path):
+    root = tmp_path / "results" / "mask2former_pipeline" / "manual__1"
+    os.utime(root / "train" / "status.json", (1_000, 1_000))
+    os.utime(root / "export" / "status.json", (2_000, 2_000))
+    order = [j["job_id"].rsplit("/", 1)[1] for j in client.get("/api/jobs").json()["jobs"]]
+    assert order == ["export", "train"]
+    os.utime(root / "train" / "status.json", (3_000, 3_000))
+    order = [j["job_id"].rsplit("/", 1)[1] for j in client.get("/api/jobs").json()["jobs"]]
+    assert order == ["train", "export"]
+    first = client.get("/api/jobs", params={"limit": 1}).json()
+    assert [j["job_id"] for j in first["jobs"]] == ["mask2former_pipeline/manual__1/train"]
+    assert first["total_entries"] == 2
+    second = client.get("/api/jobs", params={"limit": 1, "offset": 1}).json()
+    assert [j["job_id"] for j in second["jobs"]] == ["mask2former_pipeline/manual__1/export"]
+    page = client.get("/", params={"limit": 1}).text
+    assert "manual__1/train" in page and "manual__1/export" not in page and "offset=1&amp;limit=1" in page
+    assert client.get("/api/jobs", params={"limit": 0}).status_code == 422
+
+
+def test_served_files_have_their_type_and_never_run_as_pages(client, tmp_path):
+    results = tmp_path / "results"
+    export = results / "mask2former_pipeline" / "manual__1" / "export"
+    (export / "spec.yaml").write_text("train:\n  num_epochs: 3\n")
+    (export / "model.pth").write_bytes(b"weights")
+    (export / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    (results / "champion.json").write_text("{}")
+    spec = client.get("/files/mask2former_pipeline/manual__1/export/spec.yaml")
+    assert spec.status_code == 200 and spec.text == "train:\n  num_epochs: 3\n"
+    assert spec.headers["content-type"].startswith("text/plain")
+    image = client.get("/files/mask2former_pipeline/manual__1/export/overlay.png")
+    assert image.headers["content-type"] == "image/png" and image.headers["content-length"] == "6"
+    assert image.headers["content-security-policy"] == "sandbox"
+    assert image.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/files/mask2former_pipeline/manual__1/export/model.pth").status_code == 404  # not served
+    assert client.get("/files/champion.json").status_code == 404  # not inside a job folder
+    assert client.get("/files/mask2former_pipeline/manual__1/export/leak.txt").status_code == 404  # link out of root
+
+
+def test_root_parameter_takes_the_configured_root_and_refuses_other_local_paths(client, tmp_path):
+    results = tmp_path / "results"
+    listing = client.get("/api/jobs", params={"root": f"file://{results}"})
+    assert listing.status_code == 200 and listing.json()["total_entries"] == 2
+    page = client.get("/jobs/mask2former_pipeline/manual__1/export", params={"root": f"{results}/"})
+    assert page.status_code == 200 and "files/mask2former_pipeline/manual__1/export/overlay.png?root=" in page.text
+    other = tmp_path / "other"
+    write_job(other, "d/r/t", metrics={"mIoU": 1.0})
+    (other / "d/r/t/notes.txt").write_text("readable only if the root were accepted")
+    for root in ("/etc", str(other), f"file://{other}", str(results / ".."), "http://example.com/results"):
+        for url in ("/", "/api/jobs", "/jobs/d/r/t", "/files/d/r/t/notes.txt", "/files/passwd"):
+            refused = client.get(url, params={"root": root})
+            assert refused.status_code == 403, (url, root)
+            assert "readable" not in refused.text
