@@ -24,6 +24,7 @@ from .actions.job import ActionError, ActionResult, Job
 from .config import ACTIONS, SpecError, load_spec, spec_to_dict
 from .config.experiment import ACTION_DESCRIPTIONS
 from .crypto import key_from_environment
+from .host_allocator import configure_host_allocator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXIT_FAILED = 1
@@ -100,6 +101,7 @@ def run_action(action: str, spec: Optional[str], overrides: List[str], results_d
     status = results.StatusWriter(folder, enabled=primary)
     status.started(f"{action} started")
     signal.signal(signal.SIGTERM, _raise_terminated)
+    configure_host_allocator()
     job = Job(action=action, results_dir=folder.resolve(), status=status, log=log)
     try:
         module = importlib.import_module(module_name(action))

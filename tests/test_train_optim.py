@@ -77,6 +77,29 @@ def test_adamw_betas_from_momentum():
     assert all(group["betas"] == (0.85, 0.999) for group in optimizer.param_groups)
 
 
+def test_fused_adamw_where_asked_and_supported():
+    net = ToyNet()
+    assert build_optimizer(net, _optim_cfg(), fused=True).defaults["fused"] is True
+    assert not build_optimizer(net, _optim_cfg()).defaults["fused"]
+    # a parameter on a device without the fused kernel falls back to the plain implementation
+    net.head.conv.weight = torch.nn.Parameter(torch.zeros(net.head.conv.weight.shape, device="meta"))
+    assert not build_optimizer(net, _optim_cfg(), fused=True).defaults["fused"]
+
+
+def test_fused_and_plain_adamw_take_the_same_steps():
+    torch.manual_seed(0)
+    nets = [ToyNet(), ToyNet()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    optimizers = [build_optimizer(net, _optim_cfg(), fused=fused) for net, fused in zip(nets, (False, True))]
+    for _ in range(3):
+        for net, optimizer in zip(nets, optimizers):
+            sum((p.sin() + 0.1).square().sum() for p in net.parameters()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, plain), fused in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_real_network_groups():
     overrides = {"model.backbone.swin.embed_dim": 32, "model.backbone.swin.depths": [1, 1, 1, 1],
                  "model.backbone.swin.num_heads": [1, 2, 4, 8], "model.sem_seg_head.convs_dim": 32,

@@ -1,7 +1,8 @@
 """The LightningModule of training: model + criterion, optimiser and schedule, validation, checkpoint payload.
 
 Validation under DDP: every rank runs the model and the evaluation host stage (post-processing to the
-original image size, raw category ids) on its shard of the validation set (Lightning's DistributedSampler).
+original image size, raw category ids) on its shard of the validation set (an in-order DistributedSampler
+that the data module sets).
 Each batch's per-image predictions are gathered to rank 0, which skips the images the sampler repeated to
 even out the shards (by image id) and feeds the metric evaluators; rank 0 then computes the metrics and
 broadcasts them, so every rank holds the same numbers (checkpoint decisions stay collective). The expensive
@@ -119,7 +120,11 @@ class Mask2FormerModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Dict[str, Any]:
         optim_cfg = self.config.train.optim
-        optimizer = build_optimizer(self.model, optim_cfg)
+        # Lightning's mixed-precision plugin refuses to clip the gradients of an optimizer that unscales them
+        # inside its step, as fused ones do; FSDP's flat parameters keep the implementation it was tested with.
+        mixed = "mixed" in str(self.trainer.precision)
+        fused = not mixed and not isinstance(self.trainer.strategy, FSDPStrategy)
+        optimizer = build_optimizer(self.model, optim_cfg, fused=fused)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total_steps // max(1, int(self.trainer.max_epochs)))
         scheduler = build_scheduler(optimizer, optim_cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch)

@@ -81,14 +81,23 @@ def build_param_groups(model: nn.Module, *, lr: float, weight_decay: float,
     return groups
 
 
-def build_optimizer(model: nn.Module, optim_cfg: Any) -> torch.optim.AdamW:
-    """AdamW over :func:`build_param_groups` with betas (optim.momentum, 0.999)."""
+FUSED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def build_optimizer(model: nn.Module, optim_cfg: Any, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over :func:`build_param_groups` with betas (optim.momentum, 0.999).
+
+    ``fused`` asks for torch's fused kernel (one pass over every parameter instead of a dozen elementwise ops
+    per tensor; a third of the optimizer time on CPU); it is used where every trainable parameter is a float
+    tensor on CPU or CUDA, and the plain implementation elsewhere."""
     if optim_cfg.type != "AdamW":
         raise ValueError(f"train.optim.type {optim_cfg.type!r} is not supported; expected 'AdamW'")
     groups = build_param_groups(model, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
                                 backbone_multiplier=optim_cfg.backbone_multiplier)
+    params = [p for group in groups for p in group["params"]]
+    fused = fused and all(p.is_floating_point() and p.device.type in FUSED_DEVICE_TYPES for p in params)
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.momentum, 0.999),
-                             weight_decay=optim_cfg.weight_decay)
+                             weight_decay=optim_cfg.weight_decay, fused=fused or None)
 
 
 def warmup_multiplier(step: int, *, warmup_iters: int, warmup_factor: float) -> float:

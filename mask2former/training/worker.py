@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 
 from ..config import load_spec
+from ..host_allocator import configure_host_allocator
 from ..results import StatusWriter
 from .distributed import plan_devices
 from .session import build_training_datasets, run_training
@@ -34,6 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     log = logging.getLogger("mask2former.train")
     config = load_spec("train", spec_path=args.spec)
+    configure_host_allocator()
     plan = plan_devices(config.train, cuda_devices=torch.cuda.device_count(), env=os.environ)
     results_dir = Path(args.results_dir)
     resume = config.train.resume_training_checkpoint_path
