@@ -99,6 +99,7 @@ def test_interrupted_run_resumes_at_the_same_step_with_the_same_optimizer_state(
     messages = [line["message"] for line in results.read_status(first)]
     assert "Training resumed at epoch 1, step 2" in messages
     assert f"Resuming from {results.checkpoint_name(1, 2)}, saved at epoch 1, step 2" in messages
+    assert "Resuming epoch 1 at batch 3 of 4, in the interrupted run's data order" in messages
     # one line per finished epoch: the first attempt's epoch 1 of 1, then the resumed epochs
     assert [m.split(":")[0] for m in messages if m.startswith("Epoch ")] == \
         ["Epoch 1/1 done", "Epoch 1/2 done", "Epoch 2/2 done"]

@@ -29,7 +29,8 @@ from ..data.staging import S3AccessError, SourceNotFoundError, fetch_uri
 from ..resources import check_fits, classify_resource_error, estimate_training_memory
 from ..training.distributed import LocalWorkers, WorkerFailed, plan_devices
 from ..training.errors import DatasetError, TrainingSetupError
-from ..training.session import TrainingOutcome, build_training_datasets, find_resume_checkpoint, run_training
+from ..training.session import (ResumePoint, TrainingOutcome, build_training_datasets, find_resume_checkpoint,
+                                run_training)
 from .job import ActionError, ActionResult, Job
 
 # file key -> the key holding its expected SHA-256 (None: no digest key)
@@ -110,8 +111,10 @@ def run(config: Any, job: Job) -> ActionResult:
         if config.train.pretrained_model_path:  # a missing or wrong key fails here, before any other work
             check_checkpoint_key(config.train.pretrained_model_path, config.encryption_key)
         resume = find_resume_checkpoint(job.results_dir, config.train.resume_training_checkpoint_path)
+        resume_point = None
         if resume is not None:
             epoch, step = check_resume_checkpoint(resume, config.encryption_key)
+            resume_point = ResumePoint(checkpoint=resume, epoch=epoch, global_step=step)
             config.train.resume_training_checkpoint_path = str(resume)
             # Written here, not only by the trainer: a checkpoint taken after the last epoch resumes straight
             # into the final reporting, and Lightning then starts no training loop to announce it.
@@ -125,7 +128,7 @@ def run(config: Any, job: Job) -> ActionResult:
             try:
                 with workers:
                     outcome = run_training(config, plan=plan, datasets=datasets, results_dir=job.results_dir,
-                                           status=job.status, log=job.log, resume_from=resume)
+                                           status=job.status, log=job.log, resume=resume_point)
             except (KeyboardInterrupt, SystemExit):
                 if workers.failure:
                     raise ActionError(f"Training stopped: {workers.failure} (its log is above).") from None

@@ -13,9 +13,10 @@ import functools
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..data.dataset import collate_batch
+from .data_order import DataPosition, TrainingOrderSampler
 from .errors import DatasetError
 
 ERROR_KEY = "data_error"
@@ -64,13 +65,17 @@ def check_batch(batch: Dict[str, Any]) -> Dict[str, Any]:
 class Mask2FormerDataModule(pl.LightningDataModule):
     """Loaders over already-built datasets (see :func:`mask2former.data.build.build_datasets`).
 
-    Training shuffles (Lightning wraps it in a DistributedSampler under DDP); validation keeps the order and,
-    under DDP, is sharded by Lightning's DistributedSampler, whose padding repeats a few images: the
-    validation step drops those repeats by image id, so every image is scored exactly once.
+    Training draws its batches from a :class:`~mask2former.training.data_order.TrainingOrderSampler`: an
+    order given by ``seed``, the epoch and the rank alone, sharded like torch's DistributedSampler under data
+    parallelism, and starting at ``train_start`` (a resumed run continues the interrupted epoch's order).
+    The Trainer must not replace it (``use_distributed_sampler=False``), so validation under data parallelism
+    gets its DistributedSampler (in order) here, as Lightning would add it: its padding repeats a few images,
+    and the validation step drops those repeats by image id, so every image is scored exactly once.
     """
 
     def __init__(self, *, train_dataset: Dataset, val_dataset: Optional[Dataset], train_batch_size: int,
-                 val_batch_size: int, train_workers: int, val_workers: int, size_divisibility: int) -> None:
+                 val_batch_size: int, train_workers: int, val_workers: int, size_divisibility: int, seed: int,
+                 train_start: DataPosition) -> None:
         super().__init__()
         self.train_dataset = ReportingDataset(train_dataset, split="train")
         self.val_dataset = ReportingDataset(val_dataset, split="val") if val_dataset is not None else None
@@ -78,21 +83,29 @@ class Mask2FormerDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size
         self.train_workers = train_workers
         self.val_workers = val_workers
+        self.seed = seed
+        self.train_start = train_start
         self.collate = functools.partial(collate_or_report, size_divisibility=size_divisibility)
 
     def on_before_batch_transfer(self, batch: Dict[str, Any], dataloader_idx: int) -> Dict[str, Any]:
         return check_batch(batch)
 
-    def _loader(self, dataset: Dataset, *, batch_size: int, workers: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+    def _loader(self, dataset: Dataset, *, batch_size: int, workers: int, sampler: Optional[Sampler]) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=self.collate, persistent_workers=workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
+        sampler = TrainingOrderSampler(len(self.train_dataset), seed=self.seed, num_replicas=self.trainer.world_size,
+                                       rank=self.trainer.global_rank, start_epoch=self.train_start.epoch,
+                                       skip=self.train_start.batch * self.train_batch_size)
         return self._loader(self.train_dataset, batch_size=self.train_batch_size, workers=self.train_workers,
-                            shuffle=True)
+                            sampler=sampler)
 
     def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
         if self.val_dataset is None:
             return []  # no validation split: Lightning runs no validation
+        world_size = self.trainer.world_size
+        sampler = DistributedSampler(self.val_dataset, num_replicas=world_size, rank=self.trainer.global_rank,
+                                     shuffle=False) if world_size > 1 else None
         return self._loader(self.val_dataset, batch_size=self.val_batch_size, workers=self.val_workers,
-                            shuffle=False)
+                            sampler=sampler)

@@ -2,6 +2,10 @@
 
 The train action (local rank 0) and the worker processes (other ranks, :mod:`mask2former.training.worker`)
 both call :func:`run_training`; only rank 0 writes status lines and files.
+
+Resume: Lightning restores weights, optimizer, schedule and loop counters from the checkpoint; the data order
+(:mod:`mask2former.training.data_order`) continues from the position the checkpoint's own "epoch" and
+"global_step" give, so the resumed run trains on the batches the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import copy
 import logging
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -18,6 +23,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from .. import results
 from ..data.build import build_datasets
@@ -26,6 +32,7 @@ from ..evaluation.pipeline import build_evaluator
 from ..model import build_model
 from ..model.criterion import build_criterion
 from .callbacks import AtomicCheckpointIO, CheckpointSaver, ReplicaCheck, StatusReporter
+from .data_order import DataPosition, resume_position
 from .datamodule import DATA_ERRORS, Mask2FormerDataModule, error_message
 from .distributed import DevicePlan
 from .errors import DatasetError
@@ -34,12 +41,23 @@ from .lightning_module import Mask2FormerModule
 
 LOG_EVERY_N_STEPS = 20
 LOGS_DIR = "logs"
+# Lightning's warning for a run resumed mid-epoch, written for loaders that redraw the interrupted epoch
+NOT_RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
 
 
 @dataclass
 class TrainingDatasets:
     train: SegmentationDataset
     val: Optional[SegmentationDataset]
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint with training state to continue from, and the progress its payload records."""
+
+    checkpoint: Path
+    epoch: int        # payload "epoch": the 1-based epoch its last optimizer step belongs to
+    global_step: int  # payload "global_step": the optimizer steps done
 
 
 @dataclass
@@ -115,12 +133,42 @@ def _strategy(plan: DevicePlan) -> Any:
     return "auto"
 
 
+def steps_per_epoch(config: Any, *, plan: DevicePlan, train_images: int) -> int:
+    """Optimizer steps of one epoch: the batches of one rank (there is no gradient accumulation)."""
+    return math.ceil(train_images / (config.dataset.train.batch_size * plan.world_size))
+
+
+def data_start(resume: Optional[ResumePoint], *, epoch_steps: int, log: logging.Logger,
+               status: results.StatusWriter, report: bool) -> DataPosition:
+    """Where the training data order starts: after ``resume``'s last batch, else at the first batch of epoch 1.
+
+    With ``report`` (rank 0), continuing an interrupted epoch, or failing to, is told in a log and status line.
+    """
+    if resume is None:
+        return DataPosition()
+    position = resume_position(saved_epoch=resume.epoch, global_step=resume.global_step,
+                               steps_per_epoch=epoch_steps)
+    if position is None:
+        if report:
+            message = (f"Cannot continue the data order of {resume.checkpoint.name}: its step {resume.global_step} "
+                       f"is not in its epoch {resume.epoch} at {epoch_steps} steps per epoch (another batch size, "
+                       "number of processes or training set); the rest of that epoch is drawn in a new order")
+            log.warning(message)
+            status.running(message)
+        return DataPosition(epoch=max(0, resume.epoch - 1))
+    if position.batch and report:
+        message = (f"Resuming epoch {position.epoch + 1} at batch {position.batch + 1} of {epoch_steps}, in the "
+                   "interrupted run's data order")
+        log.info(message)
+        status.running(message)
+    return position
+
+
 def build_trainer(config: Any, *, plan: DevicePlan, results_dir: Path, status: results.StatusWriter,
-                  log: logging.Logger, has_val: bool, train_images: int) -> pl.Trainer:
+                  log: logging.Logger, has_val: bool, epoch_steps: int) -> pl.Trainer:
     train = config.train
     progress_bar = sys.stderr.isatty()
-    steps_per_epoch = math.ceil(train_images / (config.dataset.train.batch_size * plan.world_size))
-    log_every = max(1, min(LOG_EVERY_N_STEPS, steps_per_epoch))
+    log_every = max(1, min(LOG_EVERY_N_STEPS, epoch_steps))
     callbacks = [
         CheckpointSaver(results_dir=results_dir, interval=train.checkpoint_interval,
                         unit=train.checkpoint_interval_unit, max_epochs=train.num_epochs),
@@ -135,6 +183,7 @@ def build_trainer(config: Any, *, plan: DevicePlan, results_dir: Path, status: r
     return pl.Trainer(
         accelerator=plan.accelerator, devices=plan.devices, num_nodes=plan.num_nodes, strategy=_strategy(plan),
         precision=plan.precision, max_epochs=train.num_epochs,
+        use_distributed_sampler=False,  # the data module shards both splits (training in its own resumable order)
         check_val_every_n_epoch=train.validation_interval, limit_val_batches=None if has_val else 0,
         num_sanity_val_steps=0, gradient_clip_val=train.clip_grad_norm or None, gradient_clip_algorithm="norm",
         callbacks=callbacks, logger=loggers, enable_checkpointing=False, enable_progress_bar=progress_bar,
@@ -144,27 +193,33 @@ def build_trainer(config: Any, *, plan: DevicePlan, results_dir: Path, status: r
 
 
 def run_training(config: Any, *, plan: DevicePlan, datasets: TrainingDatasets, results_dir: Path,
-                 status: results.StatusWriter, log: logging.Logger,
-                 resume_from: Optional[Path]) -> TrainingOutcome:
-    """Fit the model of ``config`` (local paths only) and report; resumes from ``resume_from`` when given."""
+                 status: results.StatusWriter, log: logging.Logger, resume: Optional[ResumePoint]) -> TrainingOutcome:
+    """Fit the model of ``config`` (local paths only) and report; continues ``resume`` when given."""
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
     model, criterion = build_network(config)
     evaluator_factory = (lambda: build_evaluator(config, datasets.val)) if datasets.val is not None else None
     label_map = datasets.train.label_map
     module = Mask2FormerModule(config=config, model=model, criterion=criterion, label_map=label_map,
                                evaluator_factory=evaluator_factory)
+    epoch_steps = steps_per_epoch(config, plan=plan, train_images=len(datasets.train))
+    trainer = build_trainer(config, plan=plan, results_dir=results_dir, status=status, log=log,
+                            has_val=datasets.val is not None, epoch_steps=epoch_steps)
+    if trainer.is_global_zero:
+        log.info("Training on %s: %d training images%s, %d epochs%s", plan.describe(), len(datasets.train),
+                 f", {len(datasets.val)} validation images" if datasets.val is not None else " (no validation)",
+                 config.train.num_epochs, f", resuming from {resume.checkpoint}" if resume else "")
+    train_start = data_start(resume, epoch_steps=epoch_steps, log=log, status=status, report=trainer.is_global_zero)
     augmentation = config.dataset.augmentation
     data = Mask2FormerDataModule(
         train_dataset=datasets.train, val_dataset=datasets.val, train_batch_size=config.dataset.train.batch_size,
         val_batch_size=config.dataset.val.batch_size, train_workers=config.dataset.train.num_workers,
-        val_workers=config.dataset.val.num_workers, size_divisibility=augmentation.size_divisibility)
-    trainer = build_trainer(config, plan=plan, results_dir=results_dir, status=status, log=log,
-                            has_val=datasets.val is not None, train_images=len(datasets.train))
-    if trainer.is_global_zero:
-        log.info("Training on %s: %d training images%s, %d epochs%s", plan.describe(), len(datasets.train),
-                 f", {len(datasets.val)} validation images" if datasets.val is not None else " (no validation)",
-                 config.train.num_epochs, f", resuming from {resume_from}" if resume_from else "")
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+        val_workers=config.dataset.val.num_workers, size_divisibility=augmentation.size_divisibility,
+        seed=config.train.seed, train_start=train_start)
+    with warnings.catch_warnings():
+        # Lightning warns that a run resumed mid-epoch redraws the rest of that epoch from a fresh order; our
+        # training loader continues the interrupted order instead (data_start above tells so).
+        warnings.filterwarnings("ignore", message=NOT_RESUMABLE_WARNING, category=PossibleUserWarning)
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume.checkpoint) if resume else None)
     saver = next(c for c in trainer.callbacks if isinstance(c, CheckpointSaver))
     latest = results_dir / results.LATEST_CHECKPOINT
     return TrainingOutcome(

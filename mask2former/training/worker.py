@@ -4,7 +4,8 @@
     python -m mask2former.training.worker --spec RESOLVED_SPEC.yaml --results-dir DIR
 
 The spec is the one the train action resolved (remote files already fetched, the resume checkpoint fixed),
-so every rank trains the same model from the same state. Rank > 0 writes no status line and no file.
+so every rank trains the same model from the same state, in the same data order (the resume checkpoint's
+epoch and step are read as the train action reads them). Rank > 0 writes no status line and no file.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 
+from ..actions.train import check_resume_checkpoint
 from ..config import load_spec
 from ..host_allocator import configure_host_allocator
 from ..results import StatusWriter
 from .distributed import plan_devices
-from .session import build_training_datasets, run_training
+from .session import ResumePoint, build_training_datasets, run_training
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -38,10 +40,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_host_allocator()
     plan = plan_devices(config.train, cuda_devices=torch.cuda.device_count(), env=os.environ)
     results_dir = Path(args.results_dir)
-    resume = config.train.resume_training_checkpoint_path
     run_training(config, plan=plan, datasets=build_training_datasets(config), results_dir=results_dir,
-                 status=StatusWriter(results_dir), log=log, resume_from=Path(resume) if resume else None)
+                 status=StatusWriter(results_dir), log=log, resume=resume_point(config))
     return 0
+
+
+def resume_point(config: Any) -> Optional[ResumePoint]:
+    """The resume checkpoint the train action fixed in the spec, with the epoch and step it records."""
+    path = config.train.resume_training_checkpoint_path
+    if not path:
+        return None
+    epoch, step = check_resume_checkpoint(Path(path), config.encryption_key)
+    return ResumePoint(checkpoint=Path(path), epoch=epoch, global_step=step)
 
 
 if __name__ == "__main__":
