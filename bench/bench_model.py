@@ -6,12 +6,17 @@ measures:
 
 - inference: eval mode, ``torch.inference_mode``, one forward pass;
 - training step: forward, a loss summing every output (final and auxiliary predictions), backward,
-  AdamW step;
+  AdamW step, with the AdamW each side's training uses: the fused kernel on both (the Hugging Face
+  Trainer's default optimizer on torch >= 2.8 is ``adamw_torch_fused``; this package's fp32 training
+  builds fused AdamW over its parameter groups);
+- the same training step with torch's plain (single-tensor) AdamW on both sides;
 - peak RSS of the process during each phase (the kernel's high-water mark, reset before the phase),
   and the rise of that peak above the RSS with the model built.
 
-Workers of the two implementations alternate over ``--rounds`` rounds so load from other processes
-hits both alike; the summary takes the best (minimum) time over all repetitions of all rounds (the
+A third worker runs the port in a process with the engine's glibc malloc settings
+(:mod:`mask2former.host_allocator`, which every engine process applies at its start), to show what those
+settings alone are worth. Workers alternate over ``--rounds`` rounds so load from other processes
+hits all alike; the summary takes the best (minimum) time over all repetitions of all rounds (the
 run least disturbed by other processes on a shared machine) and the median peak memory. Prints a
 markdown table and writes ``bench/results/model.json`` (every sample, with the load average when
 each worker started).
@@ -34,6 +39,11 @@ from typing import Any, Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "model.json"
+PHASES = ("inference", "train", "train_plain_adamw")
+#: Workers: this package (which sets glibc malloc up as the engine's processes do), the Hugging Face port as
+#: its users run it, and the port in a process with the engine's malloc settings (what they alone are worth).
+IMPLS = ("ours", "hf", "hf_engine_malloc")
+ENGINE_ALLOCATOR = ("ours", "hf_engine_malloc")
 
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "swin_t_512": {
@@ -41,7 +51,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
         "swin": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
         "num_classes": 133, "num_queries": 100, "hidden_dim": 256, "convs_dim": 256, "mask_dim": 256,
         "dim_feedforward": 2048, "encoder_layers": 6, "dec_layers": 10, "nheads": 8,
-        "image": [512, 512], "reps": {"inference": 2, "train": 2},
+        "image": [512, 512], "reps": {"inference": 3, "train": 3}, "warmup": {"inference": 1, "train": 2},
     },
     "small_128": {
         "description": "Swin embed 32 depths [1,1,1,1] heads [1,2,4,8], hidden 64, 20 queries, 133 classes, "
@@ -49,7 +59,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
         "swin": {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "window_size": 7},
         "num_classes": 133, "num_queries": 20, "hidden_dim": 64, "convs_dim": 64, "mask_dim": 64,
         "dim_feedforward": 2048, "encoder_layers": 6, "dec_layers": 10, "nheads": 8,
-        "image": [128, 128], "reps": {"inference": 10, "train": 10},
+        "image": [128, 128], "reps": {"inference": 10, "train": 10}, "warmup": {"inference": 2, "train": 3},
     },
 }
 
@@ -73,11 +83,12 @@ def _reset_peak_rss() -> bool:
 
 
 def _build(impl: str, cfg: Dict[str, Any]):
+    """(model, forward, total loss, the optimizer that side's training builds)."""
     import torch
 
     torch.manual_seed(0)
     swin = cfg["swin"]
-    if impl == "hf":
+    if impl.startswith("hf"):
         from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
         backbone = SwinConfig(**swin, drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -97,9 +108,15 @@ def _build(impl: str, cfg: Dict[str, Any]):
             for aux in out.auxiliary_logits or []:
                 loss = loss + aux["class_queries_logits"].sum() + aux["masks_queries_logits"].sum()
             return loss
+
+        def training_optimizer():
+            return torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.05, fused=True)
     else:
         sys.path.insert(0, str(ROOT))
+        from types import SimpleNamespace
+
         from mask2former.model import build_backbone, build_mask2former
+        from mask2former.training.optim import build_optimizer
 
         backbone = build_backbone(type=None, drop_path_rate=0.3, **swin)
         model = build_mask2former(
@@ -117,11 +134,16 @@ def _build(impl: str, cfg: Dict[str, Any]):
             for aux in out.get("aux_outputs", []):
                 loss = loss + aux["pred_logits"].sum() + aux["pred_masks"].sum()
             return loss
-    return model, forward, total
+
+        def training_optimizer():
+            optim = SimpleNamespace(type="AdamW", lr=1e-6, weight_decay=0.05, momentum=0.9, backbone_multiplier=0.1)
+            return build_optimizer(model, optim, fused=True)
+    return model, forward, total, training_optimizer
 
 
-def _timed(fn, reps: int) -> Dict[str, List[float]]:
-    fn()  # warm-up
+def _timed(fn, reps: int, warmup: int) -> Dict[str, List[float]]:
+    for _ in range(warmup):  # the first steps also grow the heap and allocate AdamW's state
+        fn()
     wall, cpu = [], []
     for _ in range(reps):
         w, c = time.perf_counter(), time.process_time()
@@ -136,8 +158,13 @@ def worker(impl: str, config_name: str, threads: int) -> Dict[str, Any]:
 
     if threads:
         torch.set_num_threads(threads)
+    if impl in ENGINE_ALLOCATOR:
+        sys.path.insert(0, str(ROOT))
+        from mask2former.host_allocator import configure_host_allocator
+
+        configure_host_allocator()  # as every engine process does at its start
     cfg = CONFIGS[config_name]
-    model, forward, total = _build(impl, cfg)
+    model, forward, total, training_optimizer = _build(impl, cfg)
     images = torch.randn(1, 3, *cfg["image"], generator=torch.Generator().manual_seed(1))
     result: Dict[str, Any] = {"impl": impl, "config": config_name, "threads": torch.get_num_threads(),
                               "load_average": os.getloadavg(),
@@ -148,24 +175,26 @@ def worker(impl: str, config_name: str, threads: int) -> Dict[str, Any]:
     peak_resettable = _reset_peak_rss()
     base = _rss_kib("VmRSS")
     with torch.inference_mode():
-        result["inference"] = _timed(lambda: forward(images), cfg["reps"]["inference"])
+        result["inference"] = _timed(lambda: forward(images), cfg["reps"]["inference"], cfg["warmup"]["inference"])
     result["inference"]["peak_rss_mib"] = _rss_kib("VmHWM") / 1024
     result["inference"]["peak_rise_mib"] = (_rss_kib("VmHWM") - base) / 1024
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.05)
+    optimizers = {"train": training_optimizer(),
+                  "train_plain_adamw": torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.05)}
+    for phase, optimizer in optimizers.items():
+        def train_step():
+            loss = total(forward(images))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    def train_step():
-        loss = total(forward(images))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    _reset_peak_rss()
-    base = _rss_kib("VmRSS")
-    result["train"] = _timed(train_step, cfg["reps"]["train"])
-    result["train"]["peak_rss_mib"] = _rss_kib("VmHWM") / 1024
-    result["train"]["peak_rise_mib"] = (_rss_kib("VmHWM") - base) / 1024
+        _reset_peak_rss()
+        base = _rss_kib("VmRSS")
+        result[phase] = _timed(train_step, cfg["reps"]["train"], cfg["warmup"]["train"])
+        result[phase]["peak_rss_mib"] = _rss_kib("VmHWM") / 1024
+        result[phase]["peak_rise_mib"] = (_rss_kib("VmHWM") - base) / 1024
+        optimizers[phase] = None  # its state goes before the next phase measures its peak
     result["peak_rss_resettable"] = peak_resettable
     return result
 
@@ -182,7 +211,7 @@ def _run_worker(impl: str, config_name: str, threads: int) -> Dict[str, Any]:
 
 def _summary(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"params_m": samples[0]["params_m"]}
-    for phase in ("inference", "train"):
+    for phase in PHASES:
         out[phase] = {
             "best_wall_s": min(v for s in samples for v in s[phase]["wall_s"]),
             "median_wall_s": statistics.median(v for s in samples for v in s[phase]["wall_s"]),
@@ -194,22 +223,27 @@ def _summary(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _table(report: Dict[str, Any]) -> str:
-    lines = ["| configuration | measure | Hugging Face | this package | ratio (HF / ours) |",
-             "|---|---|---|---|---|"]
+    lines = ["| configuration | measure | Hugging Face | HF + engine malloc | this package | HF / ours "
+             "| HF + engine malloc / ours |",
+             "|---|---|---|---|---|---|---|"]
     rows = [("inference", "best_wall_s", "inference time (s, best)"),
+            ("inference", "median_wall_s", "inference time (s, median)"),
             ("inference", "best_cpu_s", "inference CPU time (s, best)"),
             ("train", "best_wall_s", "training step time (s, best)"),
+            ("train", "median_wall_s", "training step time (s, median)"),
             ("train", "best_cpu_s", "training step CPU time (s, best)"),
+            ("train_plain_adamw", "best_wall_s", "training step, plain AdamW on both (s, best)"),
             ("inference", "peak_rss_mib", "inference peak RSS (MiB)"),
             ("inference", "peak_rise_mib", "inference peak RSS over model (MiB)"),
             ("train", "peak_rss_mib", "training peak RSS (MiB)"),
             ("train", "peak_rise_mib", "training peak RSS over model (MiB)")]
     for name, result in report["configs"].items():
-        hf, ours = result["hf"], result["ours"]
+        hf, hf_malloc, ours = result["hf"], result["hf_engine_malloc"], result["ours"]
         for phase, key, label in rows:
-            a, b = hf[phase][key], ours[phase][key]
+            a, m, b = hf[phase][key], hf_malloc[phase][key], ours[phase][key]
             fmt = "{:.3f}" if key.endswith("_s") else "{:.0f}"
-            lines.append(f"| {name} | {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x |")
+            lines.append(f"| {name} | {label} | {fmt.format(a)} | {fmt.format(m)} | {fmt.format(b)} | {a / b:.2f}x "
+                         f"| {m / b:.2f}x |")
     return "\n".join(lines)
 
 
@@ -218,7 +252,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--rounds", type=int, default=4, help="Worker pairs per configuration (alternating).")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default).")
-    parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.worker:
@@ -237,16 +271,17 @@ def main(argv: List[str] | None = None) -> int:
         "configs": {},
     }
     for name in args.configs:
-        samples: Dict[str, List[Dict[str, Any]]] = {"ours": [], "hf": []}
+        samples: Dict[str, List[Dict[str, Any]]] = {impl: [] for impl in IMPLS}
         for round_index in range(args.rounds):
-            order = ("ours", "hf") if round_index % 2 == 0 else ("hf", "ours")
+            order = IMPLS if round_index % 2 == 0 else IMPLS[::-1]
             for impl in order:
                 samples[impl].append(_run_worker(impl, name, args.threads))
                 print(f"{name} round {round_index + 1}/{args.rounds} {impl}: inference "
                       f"{min(samples[impl][-1]['inference']['wall_s']):.3f} s, train "
-                      f"{min(samples[impl][-1]['train']['wall_s']):.3f} s", file=sys.stderr, flush=True)
+                      f"{min(samples[impl][-1]['train']['wall_s']):.3f} s, train with plain AdamW "
+                      f"{min(samples[impl][-1]['train_plain_adamw']['wall_s']):.3f} s", file=sys.stderr, flush=True)
         report["configs"][name] = {"description": CONFIGS[name]["description"],
-                                   "hf": _summary(samples["hf"]), "ours": _summary(samples["ours"]),
+                                   **{impl: _summary(samples[impl]) for impl in IMPLS},
                                    "samples": samples}
     report["environment"]["load_average_end"] = os.getloadavg()
     table = _table(report)
