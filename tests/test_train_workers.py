@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -15,7 +16,20 @@ def _plan(processes: int) -> DevicePlan:
                       strategy="ddp" if processes > 1 else "auto", precision="32-true")
 
 
-def test_a_failing_worker_interrupts_the_main_process_and_names_the_rank(tmp_path):
+@pytest.mark.parametrize("inherited", [signal.default_int_handler, signal.SIG_IGN, signal.SIG_DFL],
+                         ids=["python-handler", "ignored", "os-default"])
+def test_a_failing_worker_interrupts_the_main_process_and_names_the_rank(tmp_path, inherited):
+    """Also where this process inherited SIGINT ignored (an Airflow LocalExecutor task, a command started with
+    ``&``), on which the simulated SIGINT of the interrupt would otherwise do nothing."""
+    previous = signal.signal(signal.SIGINT, inherited)
+    try:
+        _fail_a_worker(tmp_path)
+        assert signal.getsignal(signal.SIGINT) is inherited
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _fail_a_worker(tmp_path) -> None:
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.getcwd()}
     workers = LocalWorkers(plan=_plan(2), spec_path=tmp_path / "missing-spec.yaml", results_dir=tmp_path, env=env)
     with pytest.raises(KeyboardInterrupt):

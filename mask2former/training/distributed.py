@@ -124,6 +124,19 @@ def global_rank(env: Mapping[str, str], plan: DevicePlan) -> int:
     return int(env.get("NODE_RANK", 0)) * plan.processes_per_node + int(env.get("LOCAL_RANK", 0))
 
 
+def _let_python_handle_sigint() -> Any:
+    """Install Python's KeyboardInterrupt handler for SIGINT where it is ignored or left to the OS; returns the
+    disposition it replaced (None when Python handled SIGINT already, or off the main thread, where handlers
+    cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    current = signal.getsignal(signal.SIGINT)
+    if current not in (signal.SIG_IGN, signal.SIG_DFL):
+        return None
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return current
+
+
 class WorkerFailed(RuntimeError):
     """A local worker process ended with a non-zero exit code."""
 
@@ -136,6 +149,11 @@ class LocalWorkers:
     afterwards. If a worker dies, the others are stopped and the main thread is interrupted; leaving the
     block with an error stops the workers; a normal exit waits for them and raises :class:`WorkerFailed`
     when one failed.
+
+    The interrupt is a simulated SIGINT (``_thread.interrupt_main``), which does nothing where SIGINT is
+    ignored: Airflow's LocalExecutor workers ignore it and the task's processes inherit that, as does any
+    command started with ``&`` from a script. While the block runs, SIGINT therefore raises KeyboardInterrupt
+    in this process whatever it inherited; the inherited disposition is restored afterwards.
     """
 
     plan: DevicePlan
@@ -149,6 +167,7 @@ class LocalWorkers:
     _stop: threading.Event = field(default_factory=threading.Event)
     _watcher: Optional[threading.Thread] = None
     _active: bool = False
+    _inherited_sigint: Any = None
 
     @property
     def needed(self) -> bool:
@@ -171,6 +190,7 @@ class LocalWorkers:
             self.procs.append(subprocess.Popen(command, env=child_env))
         log.info("Started %d local worker process(es) for %s (rendezvous %s:%s)", len(self.procs),
                  self.plan.describe(), self.env["MASTER_ADDR"], self.env["MASTER_PORT"])
+        self._inherited_sigint = _let_python_handle_sigint()
         self._watcher = threading.Thread(target=self._watch, name="train-workers", daemon=True)
         self._watcher.start()
         return self
@@ -218,6 +238,9 @@ class LocalWorkers:
                     raise WorkerFailed(f"training worker (local rank {local_rank}) exited with code {code}")
         finally:
             self._active = False
+            if self._inherited_sigint is not None:
+                signal.signal(signal.SIGINT, self._inherited_sigint)
+                self._inherited_sigint = None
             for key, value in self._saved_env.items():
                 if value is None:
                     self.env.pop(key, None)
