@@ -209,9 +209,24 @@ class AirflowStack:
     def task_states(self, dag_id: str, run_id: str) -> Dict[str, Optional[str]]:
         return {task: ti["state"] for task, ti in self.task_instances(dag_id, run_id).items()}
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+    def mapped_task_instances(self, dag_id: str, run_id: str, task_id: str) -> List[Dict[str, Any]]:
+        """Every map index of a mapped task (``task_instances`` keeps one per task id), by map index."""
         reply = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}/"
-                                f"xcomEntries/{key}", params={"deserialize": "true", "stringify": "false"})
+                                f"listMapped", params={"limit": 100})
+        reply.raise_for_status()
+        return sorted(reply.json()["task_instances"], key=lambda ti: ti["map_index"])
+
+    def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str, *, downstream: bool = False) -> None:
+        """Mark a task instance (and, with ``downstream``, every task after it) success, failed or skipped,
+        as the UI's "Mark as" does; the scheduler then never runs a task marked before it started."""
+        reply = self.api("PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}",
+                         json={"new_state": state, "include_downstream": downstream})
+        assert reply.status_code == 200, reply.text
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        reply = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}/"
+                                f"xcomEntries/{key}", params={"deserialize": "true", "stringify": "false",
+                                                              "map_index": map_index})
         assert reply.status_code == 200, reply.text
         return reply.json()["value"]
 

@@ -5,6 +5,8 @@ through the ``aws_default`` connection, real engine jobs on a tiny model.
 * the pipeline: every task's XCom, the published results folders, the metrics; the training process is
   killed after its first checkpoint and the retried task resumes from it; credentials appear nowhere;
 * a bad override in the trigger params fails the first task, naming the key, before any download;
+* AutoML: the pipeline's search fans its trials out over two mapped worker slots that the LocalExecutor
+  runs at the same time on one Optuna study; every trial is recorded once and evaluate takes the best;
 * a backfill of the retrain DAG over two logical dates trains each partition into its own folders,
   and the champion/challenger decision is returned with both numbers;
 * the plugin's job page, reached from a task's extra link with a JWT.
@@ -16,15 +18,18 @@ import json
 import os
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from airflow_stack import AirflowStack
 from operators.jobs import job_id
 from helpers import make_dataset, tiny_overrides, upload_tree
 from s3_server import moto_endpoint, moto_server, new_bucket, s3_client  # noqa: F401 - pytest fixtures
+from test_automl_pipeline import FIXED_SIZES, SMALL_SPACE  # the search space the tiny model can afford
 
 pytestmark = pytest.mark.slow
 
@@ -200,6 +205,109 @@ def test_credentials_appear_in_no_log_xcom_or_spec(stack, pipeline_run):
     for obj in client.list_objects_v2(Bucket=bucket, Prefix="results/")["Contents"]:
         if obj["Key"].endswith((".yaml", ".json")):
             assert SECRET.encode() not in client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+
+
+#: The AutoML stage's tasks (operators/automl.py; the DAG maps the trials over 2 worker slots).
+TRIALS_TASK = "training.automl_trials"
+AUTOML_SLOTS = 2
+#: Trials of the search: two per slot, so that each slot runs more than one on the shared study.
+AUTOML_TRIALS = 4
+#: Tasks after training that are not about it; marked skipped through the REST API when the run is created.
+NOT_ABOUT_TRAINING = ("export", "quantize")  # with their downstream gen_trt_engine and evaluate_quantized
+
+
+def _time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp)
+
+
+def _overlap(first: tuple, second: tuple) -> bool:
+    """Two (start, end) intervals share some time."""
+    return first[0] < second[1] and second[0] < first[1]
+
+
+@pytest.fixture(scope="module")
+def automl_run(stack, data):
+    """The pipeline with AutoML on: a random search of 1-epoch trials on local data over both worker slots."""
+    conf = pipeline_conf(str(data / "synthetic" / "train"), str(data / "synthetic" / "val"), automl_policy="auto",
+                         automl_algorithm="random", automl_max_recommendations=AUTOML_TRIALS, automl_max_epochs=1,
+                         automl_remove_parameters=FIXED_SIZES, automl_custom_ranges=SMALL_SPACE)
+    run_id = stack.trigger(PIPELINE, conf)
+    for task in NOT_ABOUT_TRAINING:  # their task instances exist from the run's creation; training takes minutes
+        stack.set_task_state(PIPELINE, run_id, task, "skipped", downstream=True)
+    state = stack.wait_run(PIPELINE, run_id, timeout=400)
+    return {"run_id": run_id, "state": state}
+
+
+def test_automl_trial_slots_run_at_the_same_time_under_the_local_executor(stack, automl_run):
+    run_id = automl_run["run_id"]
+    states = stack.task_states(PIPELINE, run_id)
+    assert automl_run["state"] == "success", (states, stack.tail_logs())
+    expected = {"training.policy": "success", "training.automl_plan": "success", "training.direct_train": "skipped",
+                "training.automl_select": "success", "train": "success", "evaluate": "success",
+                "export": "skipped", "gen_trt_engine": "skipped", "quantize": "skipped",
+                "evaluate_quantized": "skipped"}
+    assert {task: states[task] for task in expected} == expected
+    slots = stack.mapped_task_instances(PIPELINE, run_id, TRIALS_TASK)
+    assert [(ti["map_index"], ti["state"]) for ti in slots] == [(i, "success") for i in range(AUTOML_SLOTS)]
+    assert all(ti["try_number"] == 1 and ti["pool"] == "mask2former_gpu" for ti in slots), slots
+    first, second = ((_time(ti["start_date"]), _time(ti["end_date"])) for ti in slots)
+    assert _overlap(first, second), slots  # each slot started before the other one ended
+    # ...and not only the tasks: the trials of the two slots trained at the same time on the shared study.
+    import optuna
+
+    plan = stack.xcom(PIPELINE, run_id, "training.automl_plan")
+    study = optuna.load_study(study_name=plan["plan"]["study_name"],
+                              storage=f"sqlite:///{Path(plan['publish_uri']) / 'study.db'}")
+    spans = {slot: [(t.datetime_start, t.datetime_complete) for t in study.trials if t.user_attrs["slot"] == slot]
+             for slot in range(AUTOML_SLOTS)}
+    assert any(_overlap(a, b) for a in spans[0] for b in spans[1]), spans
+
+
+def test_automl_records_every_trial_once_and_evaluate_takes_the_best(stack, automl_run):
+    run_id = automl_run["run_id"]
+    assert automl_run["state"] == "success", stack.task_states(PIPELINE, run_id)
+    select = stack.xcom(PIPELINE, run_id, "training.automl_select")
+    table = json.loads(Path(select["automl"]["summary"]["trials_json"]).read_text())
+    numbers = [row["number"] for row in table]
+    assert sorted(numbers) == list(range(AUTOML_TRIALS)), table  # every trial asked for, each recorded once
+    per_slot = AUTOML_TRIALS // AUTOML_SLOTS  # the budget split evenly over the slots
+    assert sorted(row["slot"] for row in table) == sorted(list(range(AUTOML_SLOTS)) * per_slot)
+    assert all(row["state"] == "COMPLETE" for row in table), table
+    assert len({row["results_dir"] for row in table}) == AUTOML_TRIALS
+    by_slot = {}
+    for slot in range(AUTOML_SLOTS):  # each slot's XCom lists exactly the trials the study recorded for it
+        reported = stack.xcom(PIPELINE, run_id, TRIALS_TASK, map_index=slot)
+        assert reported["slot"] == slot
+        by_slot[slot] = sorted(t["number"] for t in reported["trials"])
+        assert by_slot[slot] == sorted(row["number"] for row in table if row["slot"] == slot)
+    assert sorted(sum(by_slot.values(), [])) == list(range(AUTOML_TRIALS))
+    # every trial's own train folder: a finished job whose best validation mIoU is the value the study holds
+    trained = {}
+    for row in table:
+        folder = Path(row["results_dir"])
+        assert json.loads((folder / "status.json").read_text().splitlines()[-1])["status"] == "SUCCESS", folder
+        trained[row["number"]] = json.loads((folder / "metrics.json").read_text())["best"]["mIoU"]
+        assert row["value"] == pytest.approx(trained[row["number"]])
+    best_value = max(trained.values())
+    best = min(number for number, value in trained.items() if value == best_value)
+
+    train = stack.xcom(PIPELINE, run_id, "train")
+    assert train["action"] == "train" and train["status"] == "SUCCESS"
+    assert train["results_dir"] == table[numbers.index(best)]["results_dir"]
+    assert train["job_id"] == f"{job_id(PIPELINE, run_id, 'training.automl_plan')}/trials/trial_{best:03d}"
+    assert train["metrics"]["best.mIoU"] == pytest.approx(best_value)
+    automl = train["automl"]
+    assert automl["used"] is True and automl["policy"] == "auto" and automl["best_trial"] == best
+    assert automl["best_value"] == pytest.approx(best_value)
+    assert automl["trials"] == AUTOML_TRIALS and automl["counts"]["COMPLETE"] == AUTOML_TRIALS
+
+    evaluate = stack.xcom(PIPELINE, run_id, "evaluate")
+    assert evaluate["status"] == "SUCCESS" and 0.0 <= evaluate["metrics"]["mIoU"] <= 100.0
+    spec = yaml.safe_load((Path(evaluate["results_dir"]) / "experiment.yaml").read_text())
+    checkpoint = Path(spec["evaluate"]["checkpoint"])
+    assert checkpoint.parent == Path(train["results_dir"]) and checkpoint.is_file()
+    assert checkpoint in {Path(train["artifacts"][kind]) for kind in ("best_checkpoint", "checkpoint")
+                          if kind in train["artifacts"]}
 
 
 def test_backfill_retrains_each_partition_into_its_own_folder(stack):
