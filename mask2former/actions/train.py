@@ -22,22 +22,21 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 import yaml
 
-from ..checkpoint import CheckpointError, check_checkpoint_key, read_checkpoint
+from ..checkpoint import CheckpointError, check_checkpoint_key
 from ..config import spec_to_dict
 from ..data.downloads import DownloadError, default_cache_dir
 from ..data.staging import S3AccessError, SourceNotFoundError, fetch_uri
 from ..resources import check_fits, classify_resource_error, estimate_training_memory
 from ..training.distributed import LocalWorkers, WorkerFailed, plan_devices
 from ..training.errors import DatasetError, TrainingSetupError
-from ..training.session import (ResumePoint, TrainingOutcome, build_training_datasets, find_resume_checkpoint,
-                                run_training)
+from ..training.session import (TrainingOutcome, build_training_datasets, find_resume_checkpoint,
+                                read_resume_point, run_training)
 from .job import ActionError, ActionResult, Job
 
 # file key -> the key holding its expected SHA-256 (None: no digest key)
 REMOTE_FILE_KEYS = {"train.pretrained_model_path": "train.pretrained_model_sha256",
                     "model.backbone.pretrained_weights": "model.backbone.pretrained_weights_sha256",
                     "train.resume_training_checkpoint_path": None}
-RESUME_KEYS = ("optimizer_states", "lr_schedulers", "loops")
 
 
 def cache_dir() -> Path:
@@ -78,20 +77,6 @@ def localize_weight_files(config: Any, *, cache: Path) -> Any:
     return config
 
 
-def check_resume_checkpoint(path: Path, encryption_key: Optional[str] = None) -> tuple[int, int]:
-    """The (epoch, global step) a resume checkpoint was saved at, the epoch counted from 1; it must hold the
-    training state, not only weights."""
-    try:
-        payload = read_checkpoint(path, encryption_key=encryption_key)
-    except CheckpointError as error:
-        raise ActionError(f"Cannot resume: {error}") from None
-    missing = [key for key in RESUME_KEYS if key not in payload]
-    if missing:
-        raise ActionError(f"Cannot resume from '{path}': it holds no training state ({', '.join(missing)}); it is "
-                          "a weights-only checkpoint: give it as train.pretrained_model_path instead.")
-    return int(payload.get("epoch", 0)), int(payload.get("global_step", 0))
-
-
 @contextlib.contextmanager
 def worker_spec_file(config: Any) -> Iterator[Path]:
     """The resolved spec, in a temporary file the worker ranks read."""
@@ -113,8 +98,8 @@ def run(config: Any, job: Job) -> ActionResult:
         resume = find_resume_checkpoint(job.results_dir, config.train.resume_training_checkpoint_path)
         resume_point = None
         if resume is not None:
-            epoch, step = check_resume_checkpoint(resume, config.encryption_key)
-            resume_point = ResumePoint(checkpoint=resume, epoch=epoch, global_step=step)
+            resume_point = read_resume_point(resume, config.encryption_key)
+            epoch, step = resume_point.epoch, resume_point.global_step
             config.train.resume_training_checkpoint_path = str(resume)
             # Written here, not only by the trainer: a checkpoint taken after the last epoch resumes straight
             # into the final reporting, and Lightning then starts no training loop to announce it.

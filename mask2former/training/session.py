@@ -26,6 +26,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from .. import results
+from ..checkpoint import CheckpointError, read_checkpoint
 from ..data.build import build_datasets
 from ..data.dataset import SegmentationDataset
 from ..evaluation.pipeline import build_evaluator
@@ -35,7 +36,7 @@ from .callbacks import AtomicCheckpointIO, CheckpointSaver, ReplicaCheck, Status
 from .data_order import DataPosition, resume_position
 from .datamodule import DATA_ERRORS, Mask2FormerDataModule, error_message
 from .distributed import DevicePlan
-from .errors import DatasetError
+from .errors import DatasetError, TrainingSetupError
 from .initialization import freeze_parameters, load_backbone_weights, load_pretrained_model
 from .lightning_module import Mask2FormerModule
 
@@ -98,6 +99,24 @@ def build_training_datasets(config: Any) -> TrainingDatasets:
 def _annotation_file(config: Any) -> str:
     split = config.dataset.train
     return str(split.panoptic_json if split.type == "coco_panoptic" else split.instance_json)
+
+
+RESUME_KEYS = ("optimizer_states", "lr_schedulers", "loops")
+
+
+def read_resume_point(path: Path, encryption_key: Optional[str] = None) -> ResumePoint:
+    """The training position a resume checkpoint holds; TrainingSetupError when it cannot be read or holds
+    weights only."""
+    try:
+        payload = read_checkpoint(path, encryption_key=encryption_key)
+    except CheckpointError as error:
+        raise TrainingSetupError(f"Cannot resume: {error}") from None
+    missing = [key for key in RESUME_KEYS if key not in payload]
+    if missing:
+        raise TrainingSetupError(f"Cannot resume from '{path}': it holds no training state ({', '.join(missing)}); "
+                                 "it is a weights-only checkpoint: give it as train.pretrained_model_path instead.")
+    return ResumePoint(checkpoint=Path(path), epoch=int(payload.get("epoch", 0)),
+                       global_step=int(payload.get("global_step", 0)))
 
 
 def find_resume_checkpoint(results_dir: Path, explicit: Optional[str]) -> Optional[Path]:

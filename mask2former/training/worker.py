@@ -19,12 +19,11 @@ from typing import Any, List, Optional
 
 import torch
 
-from ..actions.train import check_resume_checkpoint
 from ..config import load_spec
 from ..host_allocator import configure_host_allocator
 from ..results import StatusWriter
 from .distributed import plan_devices
-from .session import ResumePoint, build_training_datasets, run_training
+from .session import ResumePoint, build_training_datasets, read_resume_point, run_training
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -50,8 +49,7 @@ def resume_point(config: Any) -> Optional[ResumePoint]:
     path = config.train.resume_training_checkpoint_path
     if not path:
         return None
-    epoch, step = check_resume_checkpoint(Path(path), config.encryption_key)
-    return ResumePoint(checkpoint=Path(path), epoch=epoch, global_step=step)
+    return read_resume_point(Path(path), config.encryption_key)
 
 
 if __name__ == "__main__":
