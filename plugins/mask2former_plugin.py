@@ -16,8 +16,10 @@ of a run triggered with its own ``results_root`` (the extra link of such a task 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Dict, Optional
 
@@ -97,11 +99,26 @@ def _same_root(one: str, other: str) -> bool:
         return False
 
 
-def s3_client() -> Any:
-    """The S3 client of the ``aws_default`` connection (the Amazon provider, imported on first use)."""
-    from mask2former.data.staging import airflow_s3_client_factory
+_client_lock = threading.Lock()
+_cached_client: Dict[str, Any] = {}  # {"fingerprint": digest of the connection's URI, "client": its S3 client}
 
-    return airflow_s3_client_factory(AWS_CONN_ID)
+
+def s3_client() -> Any:
+    """The S3 client of the ``aws_default`` connection (the Amazon provider, imported on first use).
+
+    Creating a client costs about 120 ms, more than the S3 reads of a page, and a job page makes one request
+    per image, so the client is kept while the connection stays the same: the connection itself is looked
+    up on every request (under a millisecond), and a changed endpoint or key gets a new client. Only a
+    digest of the connection's URI is kept, never the URI (it holds the secret key).
+    """
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    hook = S3Hook(aws_conn_id=AWS_CONN_ID)
+    fingerprint = hashlib.sha256(hook.get_connection(AWS_CONN_ID).get_uri().encode()).hexdigest()
+    with _client_lock:
+        if _cached_client.get("fingerprint") != fingerprint:
+            _cached_client.update(fingerprint=fingerprint, client=hook.get_conn())
+        return _cached_client["client"]
 
 
 def open_root(requested: Optional[str]) -> jobs.JobStore:

@@ -220,3 +220,22 @@ def test_the_secret_key_reaches_no_response_and_no_log(client, s3_jobs, caplog):
     assert SECRET_KEY not in caplog.text
     with pytest.raises(AssertionError):  # the hook would catch a response carrying the key
         refuse_secrets(SimpleNamespace(read=lambda: None, content=f"key={SECRET_KEY}".encode()))
+
+
+def test_one_s3_client_serves_the_requests_until_the_connection_changes(client, monkeypatch, moto_endpoint):
+    """A client costs ~120 ms to create and a job page makes one request per image: it is reused, but a
+    changed connection (endpoint, keys) takes effect on the next request."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    created = []
+    create = S3Hook.get_conn
+    monkeypatch.setattr(S3Hook, "get_conn", lambda hook: created.append(hook) or create(hook))
+    plugin._cached_client.clear()
+    for _ in range(3):
+        assert client.get("/api/jobs").status_code == 200
+    assert len(created) == 1
+    set_connection(monkeypatch, f"http://127.0.0.1:{free_port()}", config_kwargs={"retries": {"max_attempts": 1}})
+    assert client.get("/api/jobs").status_code == 502 and len(created) == 2
+    set_connection(monkeypatch, moto_endpoint)
+    assert client.get("/api/jobs").status_code == 200 and len(created) == 3
+    assert SECRET_KEY not in str(plugin._cached_client)
