@@ -26,8 +26,8 @@ from mask2former.training.data_order import (DataPosition, TrainingOrderSampler,
                                              resume_position)
 from mask2former.training.datamodule import Mask2FormerDataModule
 from mask2former.training.lightning_module import Mask2FormerModule
-from mask2former.training.session import ResumePoint, data_start
-from mask2former.training.worker import resume_point
+from mask2former.training.session import ResumePoint, data_start, read_resume_point
+from mask2former.training.worker import build_parser, resume_point, worker_arguments
 from train_support import REPO, make_data, tiny_spec, write_spec
 
 # 8 images, batch 2: 4 steps per epoch, a checkpoint after every step
@@ -192,8 +192,11 @@ def test_a_worker_rank_resumes_from_the_same_position_as_the_train_action(uninte
     source, _ = uninterrupted
     checkpoint = source / results.checkpoint_name(2, 6)
     config = load_spec("train", spec=spec, overrides={"train.resume_training_checkpoint_path": str(checkpoint)})
-    assert resume_point(config) == ResumePoint(checkpoint=checkpoint, epoch=2, global_step=6)
-    assert resume_point(load_spec("train", spec=spec)) is None
+    # the action reads the position once and hands it to the worker command, which parses it back
+    command = ["--spec", "resolved.yaml", "--results-dir", str(source)]
+    args = build_parser().parse_args(command + worker_arguments(read_resume_point(checkpoint)))
+    assert resume_point(config, args) == ResumePoint(checkpoint=checkpoint, epoch=2, global_step=6)
+    assert resume_point(load_spec("train", spec=spec), build_parser().parse_args(command)) is None
 
 
 # ---------------------------------------------------------------------------------------------- two ranks

@@ -28,6 +28,7 @@ from ..data.downloads import DownloadError, default_cache_dir
 from ..data.staging import S3AccessError, SourceNotFoundError, fetch_uri
 from ..resources import check_fits, classify_resource_error, estimate_training_memory
 from ..training.distributed import LocalWorkers, WorkerFailed, plan_devices
+from ..training.worker import worker_arguments
 from ..training.errors import DatasetError, TrainingSetupError
 from ..training.session import (TrainingOutcome, build_training_datasets, find_resume_checkpoint,
                                 read_resume_point, run_training)
@@ -99,17 +100,18 @@ def run(config: Any, job: Job) -> ActionResult:
         resume_point = None
         if resume is not None:
             resume_point = read_resume_point(resume, config.encryption_key)
-            epoch, step = resume_point.epoch, resume_point.global_step
             config.train.resume_training_checkpoint_path = str(resume)
             # Written here, not only by the trainer: a checkpoint taken after the last epoch resumes straight
             # into the final reporting, and Lightning then starts no training loop to announce it.
-            message = f"Resuming from {resume.name}, saved at epoch {epoch}, step {step}"
+            message = (f"Resuming from {resume.name}, saved at epoch {resume_point.epoch}, "
+                       f"step {resume_point.global_step}")
             job.log.info(message)
-            job.status.running(message, epoch=epoch, max_epoch=config.train.num_epochs)
+            job.status.running(message, epoch=resume_point.epoch, max_epoch=config.train.num_epochs)
         warn_if_memory_short(config, plan=plan, job=job)
         datasets = build_training_datasets(config)
         with worker_spec_file(config) as spec_path:
-            workers = LocalWorkers(plan=plan, spec_path=spec_path, results_dir=job.results_dir)
+            workers = LocalWorkers(plan=plan, spec_path=spec_path, results_dir=job.results_dir,
+                                   worker_args=worker_arguments(resume_point))
             try:
                 with workers:
                     outcome = run_training(config, plan=plan, datasets=datasets, results_dir=job.results_dir,

@@ -27,7 +27,7 @@ import threading
 import _thread
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Union
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Union
 
 from .errors import TrainingSetupError
 
@@ -161,6 +161,7 @@ class LocalWorkers:
     results_dir: Path
     env: MutableMapping[str, str] = field(default_factory=lambda: os.environ)
     wait_timeout_s: float = 300.0
+    worker_args: Sequence[str] = ()  # more arguments of the worker command (see mask2former.training.worker)
     procs: List[subprocess.Popen] = field(default_factory=list)
     failure: Optional[str] = None
     _saved_env: Dict[str, Optional[str]] = field(default_factory=dict)
@@ -186,7 +187,7 @@ class LocalWorkers:
         for local_rank in range(1, self.plan.processes_per_node):
             child_env = dict(self.env, LOCAL_RANK=str(local_rank))
             command = [sys.executable, "-m", WORKER_MODULE, "--spec", str(self.spec_path),
-                       "--results-dir", str(self.results_dir)]
+                       "--results-dir", str(self.results_dir), *self.worker_args]
             self.procs.append(subprocess.Popen(command, env=child_env))
         log.info("Started %d local worker process(es) for %s (rendezvous %s:%s)", len(self.procs),
                  self.plan.describe(), self.env["MASTER_ADDR"], self.env["MASTER_PORT"])
