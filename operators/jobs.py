@@ -56,7 +56,14 @@ def default_results_root() -> str:
         value = Variable.get(RESULTS_ROOT_VARIABLE, default=None)
     except Exception:  # noqa: BLE001 - outside a task (tests, scripts) there is no Variable backend
         value = None
-    return value or os.environ.get(RESULTS_ROOT_ENV) or str(airflow_home() / "mask2former" / "results")
+    return results_root_or_default(value)
+
+
+def results_root_or_default(variable_value: Optional[str]) -> str:
+    """The ``mask2former_results_root`` Variable's value, else env ``MASK2FORMER_RESULTS_ROOT``, else
+    ``$AIRFLOW_HOME/mask2former/results``: one rule for the tasks and for the plugin's pages, which read the
+    Variable each their own way (the task SDK in a task, the metadata database in the API server)."""
+    return variable_value or os.environ.get(RESULTS_ROOT_ENV) or str(airflow_home() / "mask2former" / "results")
 
 
 def work_root() -> Path:

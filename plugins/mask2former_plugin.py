@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Annotated, Any, Dict, Optional
@@ -29,10 +28,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 import mask2former_jobs as jobs
 from mask2former.data.sources import local_path_of, uri_scheme
+from operators.jobs import RESULTS_ROOT_VARIABLE, results_root_or_default
 from operators.links import PLUGIN_URL_PREFIX, Mask2FormerJobLink
 
-RESULTS_ROOT_VARIABLE = "mask2former_results_root"
-RESULTS_ROOT_ENV = "MASK2FORMER_RESULTS_ROOT"
 AWS_CONN_ID = "aws_default"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -48,7 +46,8 @@ OffsetParam = Annotated[int, Query(ge=0, description="Newer jobs skipped.")]
 
 
 def configured_results_root() -> str:
-    """The deployment's results root (Variable, env, then the operators' default)."""
+    """The deployment's results root (Variable, env, then the operators' default), the Variable read from the
+    metadata database the API server has."""
     value = None
     try:
         from airflow.models.variable import Variable
@@ -56,11 +55,7 @@ def configured_results_root() -> str:
         value = Variable.get(RESULTS_ROOT_VARIABLE, default_var=None)
     except Exception:  # noqa: BLE001 - no metadata database reachable: fall back to the environment
         value = None
-    value = value or os.environ.get(RESULTS_ROOT_ENV)
-    if not value:
-        home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
-        return str(home / "mask2former" / "results")
-    return value
+    return results_root_or_default(value)
 
 
 def browsed_root(requested: Optional[str]) -> str:
