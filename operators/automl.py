@@ -261,14 +261,8 @@ class Mask2FormerAutoMLPlanOperator(_AutoMLSettings, Mask2FormerBaseOperator):
         from mask2former.automl.search import plan_search
         from mask2former.config import SpecError
 
-        from .overrides import coerce_overrides, validate_overrides
-
         ti = context["ti"]
-        try:
-            overrides = coerce_overrides(self.spec_overrides)
-            validate_overrides(self.action, overrides)
-        except SpecError as exc:
-            raise AirflowFailException(f"automl: invalid spec override, nothing was staged or run: {exc}") from None
+        overrides = self.checked_overrides("automl")
         settings = self.search_settings(workers=int(self.worker_slots))
         s3_client_factory = functools.partial(airflow_s3_client_factory, self.aws_conn_id)
         job_overrides = self.build_overrides(overrides, s3_client_factory)
@@ -534,14 +528,8 @@ class Mask2FormerAutoMLOperator(_AutoMLSettings, Mask2FormerBaseOperator):
         from mask2former.automl.search import LocalWorkers, SearchError, finish_search, plan_search
         from mask2former.config import SpecError
 
-        from .overrides import coerce_overrides, validate_overrides
-
         ti = context["ti"]
-        try:
-            overrides = coerce_overrides(self.spec_overrides)
-            validate_overrides(self.action, overrides)
-        except SpecError as exc:
-            raise AirflowFailException(f"automl: invalid spec override, nothing was staged or run: {exc}") from None
+        overrides = self.checked_overrides("automl")
         settings = self.search_settings(workers=_as_int(self.parallel_trials, "parallel_trials"))
         s3_client_factory = functools.partial(airflow_s3_client_factory, self.aws_conn_id)
         job_overrides = self.build_overrides(overrides, s3_client_factory)

@@ -126,14 +126,19 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
 
     # ------------------------------------------------------------------------------------ execute
 
-    def execute(self, context: Any) -> Dict[str, Any]:
-        ti = context["ti"]
+    def checked_overrides(self, label: str) -> Dict[str, Any]:
+        """The rendered spec overrides, coerced and validated; a bad one fails the task for good (a retry would
+        fail the same way), naming the key, before anything is staged or run. ``label`` starts the message."""
         try:
             overrides = coerce_overrides(self.spec_overrides)
             validate_overrides(self.action, overrides)
         except SpecError as exc:
-            raise AirflowFailException(f"{self.action}: invalid spec override, nothing was staged or run: {exc}") \
-                from None
+            raise AirflowFailException(f"{label}: invalid spec override, nothing was staged or run: {exc}") from None
+        return overrides
+
+    def execute(self, context: Any) -> Dict[str, Any]:
+        ti = context["ti"]
+        overrides = self.checked_overrides(self.action)
         self.check_can_run()
         encryption_key = self.encryption_key_source.resolve()
         if encryption_key:
