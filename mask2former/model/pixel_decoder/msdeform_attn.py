@@ -92,18 +92,6 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
-    def _scaled_offsets(self, query: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``sampling_offsets(query) * scale``, by scaling the projection's rows rather than its output: the
-        weight is far smaller than the output (64 x 192 against 336 x 192 for a 128 px image), so forward and
-        backward save a pass over the offsets (0.52 ms instead of 0.78 ms per layer there, one thread).
-        A projection that quantization replaced or instrumented (torchao tensor subclasses, ModelOpt
-        modules) is called as a module so that its quantization applies."""
-        linear = self.sampling_offsets
-        if type(linear) is nn.Linear and type(linear.weight) is nn.Parameter:
-            bias = linear.bias * scale if linear.bias is not None else None
-            return F.linear(query, linear.weight * scale[:, None], bias)
-        return linear(query) * scale
-
     def forward(self, query: torch.Tensor, value: torch.Tensor, reference_points: torch.Tensor,
                 spatial_shapes: List[Tuple[int, int]]) -> torch.Tensor:
         """``query`` [B, Q, C] (position embedding included); ``value`` [B, S, C], the levels' maps
@@ -119,10 +107,12 @@ class MSDeformAttn(nn.Module):
             for level, (height, width) in zip(levels_flat, spatial_shapes)
         ]
 
-        # grid = 2 * (ref + offset / size) - 1 in grid_sample's [-1, 1] coordinates, reordered once.
+        # grid = 2 * (ref + offset / size) - 1 in grid_sample's [-1, 1] coordinates, reordered once. The scale
+        # is one value per projection output, broadcast over its last axis: the same product through a 6-D
+        # [.., levels, 1, xy] broadcast took twice as long, forward and backward.
         scale = offset_scale(tuple(spatial_shapes), heads=heads, points=points, device=query.device,
                              dtype=query.dtype)
-        offsets = self._scaled_offsets(query, scale).view(batch, num_queries, heads, levels, points, 2)
+        offsets = (self.sampling_offsets(query) * scale).view(batch, num_queries, heads, levels, points, 2)
         grids = offsets.permute(3, 0, 2, 4, 1, 5) + (2 * reference_points - 1)
         grids = grids.reshape(levels, batch * heads, points, num_queries, 2)
 
