@@ -6,9 +6,9 @@ activation buffers every iteration, and with glibc's defaults those buffers keep
 blocks above the (adaptive) mmap threshold are unmapped when freed, and the heap is trimmed whenever more
 than twice that threshold is free at its top, which the end of every backward pass produces. The next step
 then page-faults the same memory in again, zero-filled by the kernel. Measured on the small benchmark
-configuration (``bench/bench_model.py``, one thread): 3,826 minor page faults per training step with the
-defaults, 266 with these settings, and a step 8 to 10 % faster (Swin-T at 512x512: 8 % faster training, peak
-RSS +1 %).
+configuration (``bench/bench_training_step.py``, one thread): 1,877 minor page faults per training step
+with the defaults, none with these settings; the step is 2 % faster at best and more in the median, when
+the faults come in bursts (BENCHMARKS.md); Swin-T training peak RSS +1 %.
 
 The settings: every block up to 32 MiB (glibc's largest mmap threshold on 64-bit) comes from the heap, and
 up to 256 MiB of free heap is kept for reuse instead of being returned. Larger tensors are still mapped
