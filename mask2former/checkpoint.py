@@ -57,8 +57,8 @@ def save_checkpoint(path: PathLike, payload: Dict[str, Any], encryption_key: Opt
     os.close(fd)
     try:
         if encryption_key:
-            with open(tmp, "wb") as raw, crypto.EncryptingWriter(raw, encryption_key) as writer:
-                torch.save(payload, writer)
+            with open(tmp, "wb") as raw, crypto.encrypting_stream(raw, encryption_key) as stream:
+                torch.save(payload, stream)
         else:
             torch.save(payload, tmp)
         os.replace(tmp, path)

@@ -1,10 +1,13 @@
-"""Encrypted model artifacts: round trips, refusals in one sentence, tamper and truncation detection, and the
-key never reaching experiment.yaml."""
+"""Encrypted model artifacts (Tink streaming AEAD, format 2): round trips, refusals in one sentence, tamper and
+truncation detection, and the key never reaching experiment.yaml."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +42,14 @@ def encrypted_checkpoint(tmp_path) -> Path:
     return path
 
 
-def _small_chunks(tmp_path: Path, data: bytes, chunk_size: int = 1000) -> Path:
-    path = tmp_path / "small-chunks.bin"
-    with open(path, "wb") as raw, crypto.EncryptingWriter(raw, KEY, chunk_size=chunk_size) as writer:
-        writer.write(data)
+def _encrypted(tmp_path: Path, data: bytes, name: str = "data.bin") -> Path:
+    path = tmp_path / name
+    crypto.write_model_bytes(path, data, KEY)
     return path
+
+
+SEGMENT = crypto.SEGMENT_BYTES
+TINK_HEADER = 40  # Tink's own header of an AES256_GCM_HKDF stream: length byte, 32-byte salt, 7-byte nonce prefix
 
 
 def test_checkpoint_round_trip(encrypted_checkpoint):
@@ -63,13 +69,17 @@ def test_plain_checkpoints_still_read_with_or_without_a_key(tmp_path):
     assert read_checkpoint(path)["epoch"] == 3 and read_checkpoint(path, encryption_key=KEY)["epoch"] == 3
 
 
-@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 3000, 5321])
-def test_chunked_stream_round_trip_at_every_boundary(tmp_path, size):
+@pytest.mark.parametrize("size", [0, 1, SEGMENT - TINK_HEADER - 17, SEGMENT - TINK_HEADER - 16,
+                                  SEGMENT - TINK_HEADER - 15, 2 * SEGMENT + 3])
+def test_stream_round_trip_at_every_segment_boundary(tmp_path, size):
     data = os.urandom(size)
-    path = _small_chunks(tmp_path, data)
+    path = _encrypted(tmp_path, data)
     assert crypto.decrypt_to_bytes(path, KEY) == data
-    chunks = max(1, -(-size // 1000))
-    assert path.stat().st_size == crypto.HEADER_BYTES + size + chunks * crypto.TAG_BYTES
+    first = SEGMENT - TINK_HEADER - 16  # plaintext bytes of the first segment; later ones hold SEGMENT - 16
+    segments = 1 + max(0, -(-(size - first) // (SEGMENT - 16)))
+    overhead = path.stat().st_size - size  # a stream that fills its last segment exactly may end with an empty one
+    assert overhead in (crypto.HEADER_BYTES + TINK_HEADER + 16 * segments,
+                        crypto.HEADER_BYTES + TINK_HEADER + 16 * (segments + 1))
 
 
 def test_wrong_key_is_refused_in_one_sentence(encrypted_checkpoint):
@@ -110,7 +120,8 @@ def test_tampered_ciphertext_is_refused(encrypted_checkpoint, tmp_path):
     data = bytearray(encrypted_checkpoint.read_bytes())
     data[crypto.HEADER_BYTES + 5000] ^= 0x01
     encrypted_checkpoint.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="is damaged, truncated or was tampered with: encrypted chunk 0 fails"):
+    with pytest.raises(CheckpointError, match="is damaged, truncated or was tampered with: its encrypted data fails "
+                                              "authentication after 0 plaintext bytes"):
         read_checkpoint(encrypted_checkpoint, encryption_key=KEY)
     target = tmp_path / "out.pth"
     with pytest.raises(crypto.DamagedFileError):
@@ -118,28 +129,38 @@ def test_tampered_ciphertext_is_refused(encrypted_checkpoint, tmp_path):
     assert not target.exists(), "a file that fails authentication is never written out"
 
 
-@pytest.mark.parametrize("cut", ["chunk_boundary", "mid_chunk", "header_only"])
-def test_truncated_file_is_refused(tmp_path, cut):
-    path = _small_chunks(tmp_path, os.urandom(3500))
+def test_a_tampered_header_is_refused_before_any_segment(encrypted_checkpoint):
+    data = bytearray(encrypted_checkpoint.read_bytes())
+    data[20] ^= 0x01  # a salt byte: the key check no longer matches
+    encrypted_checkpoint.write_bytes(bytes(data))
+    with pytest.raises(crypto.EncryptionKeyError, match="encryption key is wrong"):
+        crypto.check_key(encrypted_checkpoint, KEY)
+
+
+@pytest.mark.parametrize("keep", ["segment_boundary", "mid_segment", "header_only", "tink_header_only"])
+def test_truncated_file_is_refused(tmp_path, keep):
+    path = _encrypted(tmp_path, os.urandom(2 * SEGMENT + 5000))
     data = path.read_bytes()
-    block = 1000 + crypto.TAG_BYTES
-    keep = {"chunk_boundary": crypto.HEADER_BYTES + 2 * block, "mid_chunk": crypto.HEADER_BYTES + 2 * block + 300,
-            "header_only": crypto.HEADER_BYTES}[cut]
-    path.write_bytes(data[:keep])
-    with pytest.raises(crypto.DamagedFileError, match="truncated"):
+    cut = {"segment_boundary": crypto.HEADER_BYTES + 2 * SEGMENT, "mid_segment": crypto.HEADER_BYTES + SEGMENT + 300,
+           "header_only": crypto.HEADER_BYTES, "tink_header_only": crypto.HEADER_BYTES + TINK_HEADER}[keep]
+    path.write_bytes(data[:cut])
+    with pytest.raises(crypto.DamagedFileError, match="damaged, truncated or was tampered with"):
         crypto.decrypt_to_bytes(path, KEY)
 
 
 def test_reordered_or_extended_streams_are_refused(tmp_path):
-    path = _small_chunks(tmp_path, os.urandom(3500))
+    path = _encrypted(tmp_path, os.urandom(3 * SEGMENT + 5000))
     data = path.read_bytes()
     head, body = data[:crypto.HEADER_BYTES], data[crypto.HEADER_BYTES:]
-    block = 1000 + crypto.TAG_BYTES
-    chunks = [body[i:i + block] for i in range(0, len(body), block)]
-    path.write_bytes(head + chunks[1] + chunks[0] + b"".join(chunks[2:]))
-    with pytest.raises(crypto.DamagedFileError, match="chunk 0 fails authentication"):
+    segments = [body[i:i + SEGMENT] for i in range(0, len(body), SEGMENT)]
+    assert len(segments) == 4
+    path.write_bytes(head + segments[0] + segments[2] + segments[1] + segments[3])
+    with pytest.raises(crypto.DamagedFileError, match=f"after {SEGMENT - TINK_HEADER - 16} plaintext bytes"):
         crypto.decrypt_to_bytes(path, KEY)
-    path.write_bytes(data + chunks[0])
+    path.write_bytes(data + segments[1])
+    with pytest.raises(crypto.DamagedFileError):
+        crypto.decrypt_to_bytes(path, KEY)
+    path.write_bytes(head + segments[0] + segments[1] + segments[3])  # a segment left out
     with pytest.raises(crypto.DamagedFileError):
         crypto.decrypt_to_bytes(path, KEY)
 
@@ -194,6 +215,8 @@ def test_shell_command_encrypts_checks_and_decrypts(tmp_path, monkeypatch, capsy
     assert "the key opens it" in capsys.readouterr().out
     assert crypto.main(["decrypt", str(tmp_path / "enc.onnx"), str(tmp_path / "dec.onnx")]) == 0
     assert (tmp_path / "dec.onnx").read_bytes() == _tiny_onnx()
+    assert crypto.main(["upgrade", str(tmp_path / "enc.onnx"), str(tmp_path / "again.onnx")]) == 0
+    assert crypto.decrypt_to_bytes(tmp_path / "again.onnx", KEY) == _tiny_onnx()
     monkeypatch.setenv(crypto.KEY_ENV, "wrong")
     assert crypto.main(["decrypt", str(tmp_path / "enc.onnx")]) == 1
     assert "encryption key is wrong" in capsys.readouterr().err
@@ -245,3 +268,51 @@ def test_cli_never_writes_the_key_to_the_results_folder(tmp_path, monkeypatch, s
     assert status[-1]["status"] == "FAILURE"
     output = capsys.readouterr()
     assert secret not in output.out + output.err
+
+
+# ------------------------------------------------------------------------- crafted headers: bounded work
+
+LEGACY = Path(__file__).parent / "data" / "encryption_v1" / "checkpoint.pth"
+
+
+def _crafted(tmp_path: Path, version: int, cost: dict) -> Path:
+    """A real file of ``version`` with its scrypt fields in the header replaced (offsets of each format)."""
+    if version == 1:
+        data = bytearray(LEGACY.read_bytes())
+        for offset, name in ((10, "log2_n"), (11, "r"), (12, "p")):
+            data[offset] = cost.get(name, data[offset])
+    else:
+        data = bytearray(_encrypted(tmp_path, b"model bytes", "source.bin").read_bytes())
+        data[9] = cost["log2_n"]
+    path = tmp_path / f"crafted-v{version}-{'-'.join(f'{k}{v}' for k, v in cost.items())}.pth"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("version,cost", [
+    (1, {"log2_n": 0}), (1, {"log2_n": 255}), (1, {"log2_n": 22, "r": 32, "p": 16}), (1, {"r": 0}), (1, {"p": 0}),
+    (1, {"r": 255}), (1, {"p": 255}), (2, {"log2_n": 0}), (2, {"log2_n": 14}), (2, {"log2_n": 19}),
+    (2, {"log2_n": 255}),
+])
+def test_a_crafted_key_derivation_cost_is_refused_before_any_work(tmp_path, version, cost):
+    path = _crafted(tmp_path, version, cost)
+    for call in (lambda: crypto.check_key(path, KEY), lambda: crypto.decrypt_to_bytes(path, KEY),
+                 lambda: read_checkpoint(path, encryption_key=KEY)):
+        started = time.perf_counter()
+        with pytest.raises((crypto.EncryptionError, CheckpointError)) as info:
+            call()
+        assert time.perf_counter() - started < 1.0, "refused from the header, without deriving a key"
+        assert str(info.value).startswith(f"'{path}' asks for a key derivation out of bounds"), str(info.value)
+
+
+def test_the_reader_stays_within_bounds_under_a_memory_limit(tmp_path):
+    """The header the first format's reader accepted at most (scrypt N=2^22, r=32, p=16: 16 GiB) is refused
+    by a process limited to 1 GiB of address space, quickly and with the sentence, not a MemoryError."""
+    path = _crafted(tmp_path, 1, {"log2_n": 22, "r": 32, "p": 16})
+    limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); " \
+            "sys.argv = ['crypto', 'check', sys.argv[1]]; runpy.run_module('mask2former.crypto', run_name='__main__')"
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", limit, str(path)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, crypto.KEY_ENV: KEY}, cwd=Path(__file__).parents[1])
+    assert result.returncode == 1 and time.perf_counter() - started < 30
+    assert f"error: '{path}' asks for a key derivation out of bounds" in result.stderr, result.stderr
