@@ -84,7 +84,7 @@ def parse_override_words(words: Sequence[str]) -> Dict[str, Any]:
         if not key:
             raise SpecError(f"Override '{word}' has an empty key.")
         try:
-            parsed[key] = yaml.safe_load(raw) if raw.strip() != "" else None
+            parsed[key] = safe_yaml_load(raw, source=f"Override '{key}'") if raw.strip() != "" else None
         except yaml.YAMLError as exc:
             raise SpecError(f"Override '{key}': the value {raw!r} is not valid YAML ({exc.problem}).") from None
     return parsed
@@ -221,12 +221,76 @@ def _build_value(tp: Any, value: Any) -> Any:
     return value
 
 
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_YAML_VALUES = 10_000
+MAX_YAML_DEPTH = 32
+
+
+def safe_yaml_load(text: Union[str, bytes], *, source: str) -> Any:
+    """``yaml.safe_load`` with bounded work, for specs and override values from anyone.
+
+    A spec holds a few hundred values, so refused with a :class:`SpecError` naming ``source``: bytes that
+    are not UTF-8, more than :data:`MAX_SPEC_BYTES`, nesting deeper than :data:`MAX_YAML_DEPTH` (found in
+    the parser's event stream, before the recursive composer), recursive aliases, and documents whose
+    anchors and aliases expand to more than :data:`MAX_YAML_VALUES` values (a "billion laughs" document of
+    a few hundred bytes expands to 10^9; everything after the parser walks the expanded tree). Counting
+    works on the composed node graph, each shared node computed once, so the check is linear in the
+    document. Malformed YAML raises ``yaml.YAMLError`` as ``yaml.safe_load`` does.
+    """
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"{source} is {len(text)} bytes long; a spec is at most {MAX_SPEC_BYTES} bytes.")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"{source} is not UTF-8 text: byte 0x{text[exc.start]:02x} at offset {exc.start} is not "
+                            "valid UTF-8 (save the file as UTF-8).") from None
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise SpecError(f"{source} nests more than {MAX_YAML_DEPTH} levels deep; a spec has a few.")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        counted: Dict[int, int] = {}
+
+        def expanded(current: yaml.Node, open_nodes: set) -> int:
+            key = id(current)
+            if key in counted:
+                return counted[key]
+            if key in open_nodes:
+                raise SpecError(f"{source} holds a recursive YAML alias (a value that contains itself).")
+            open_nodes.add(key)
+            children = current.value if isinstance(current, yaml.SequenceNode) else (
+                [part for pair in current.value for part in pair] if isinstance(current, yaml.MappingNode) else [])
+            counted[key] = 1 + sum(expanded(child, open_nodes) for child in children)
+            open_nodes.discard(key)
+            if counted[key] > MAX_YAML_VALUES:
+                raise SpecError(f"{source} expands to more than {MAX_YAML_VALUES} values through YAML anchors and "
+                                "aliases (a 'billion laughs' document?); a spec holds a few hundred.")
+            return counted[key]
+
+        expanded(node, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_spec_file(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"Spec file '{path}' does not exist.")
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"Spec file '{path}' is {path.stat().st_size} bytes long; a spec is at most {MAX_SPEC_BYTES} "
+                        "bytes.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_yaml_load(path.read_bytes(), source=f"Spec file '{path}'")
     except yaml.YAMLError as exc:
         raise SpecError(f"Spec file '{path}' is not valid YAML: {exc}") from None
     if data is None:

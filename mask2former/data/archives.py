@@ -5,6 +5,12 @@ that could write outside the destination or create special files, and never leav
 folder behind: members go into a temporary sibling folder, a completion marker is written last, and
 the folder is renamed into place. A folder holding the marker is a finished extraction and is reused.
 
+Extraction is bounded against decompression bombs: the bytes an archive may write (each member's size as
+its header declares it, plus :data:`MEMBER_COST_BYTES` per member for its file-system entry) are at most
+:data:`MAX_EXPANSION_RATIO` times the archive's own size plus :data:`EXPANSION_ALLOWANCE_BYTES`. The sum is
+checked from each header before the member is written. JPEG and PNG files hardly compress, so a real image
+archive expands about 1:1; a gzip bomb expands about 1000:1.
+
 No torch import here: the Airflow layer imports this module at DAG-parse time.
 """
 
@@ -22,6 +28,9 @@ __all__ = ["COMPLETE_MARKER", "UnsafeArchiveError", "archive_stem", "is_archive"
 
 #: File written last inside an extracted folder; its presence means the extraction finished.
 COMPLETE_MARKER = ".extract_complete"
+MAX_EXPANSION_RATIO = 100
+EXPANSION_ALLOWANCE_BYTES = 64 * 1024 * 1024
+MEMBER_COST_BYTES = 512  # one tar header block: what an empty member costs the archive, uncompressed
 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
 
@@ -106,10 +115,19 @@ def _checked_members(tar: tarfile.TarFile, *, archive_path: Path, root: Path) ->
     on disk and ``realpath`` sees through them.
     """
     real_root = os.path.realpath(root)
+    budget = MAX_EXPANSION_RATIO * archive_path.stat().st_size + EXPANSION_ALLOWANCE_BYTES
+    written = 0
     for member in tar:
         reason = _refusal_reason(member, real_root=real_root)
         if reason is not None:
             raise UnsafeArchiveError(archive_path=archive_path, member=member.name, reason=reason)
+        written += max(member.size, 0) + MEMBER_COST_BYTES
+        if written > budget:
+            raise UnsafeArchiveError(
+                archive_path=archive_path, member=member.name,
+                reason=f"the archive would expand to more than {budget} bytes ({MAX_EXPANSION_RATIO} times its "
+                       f"{archive_path.stat().st_size} bytes plus {EXPANSION_ALLOWANCE_BYTES >> 20} MiB): a "
+                       "decompression bomb?")
         yield member
 
 

@@ -1,8 +1,13 @@
 """Robust image loading: every file becomes an RGB uint8 array of shape [H, W, 3].
 
-Handles grayscale (L, 1), palette (P, PA), alpha (LA, RGBA: alpha dropped), CMYK/YCbCr, 16-bit and
-32-bit integer images (scaled from 0..65535 to 0..255) and EXIF orientation (the array is returned
-as the image is meant to be seen, which is also how annotation tools show it).
+Handles grayscale (L, 1), palette (P, PA), alpha (LA, RGBA: alpha dropped), CMYK/YCbCr (Pillow's
+conversion, no colour management), 16-bit and 32-bit integer images (scaled from 0..65535 to 0..255; Pillow
+reads 16-bit RGB(A) PNGs as 8-bit RGB(A)) and EXIF orientation (the array is returned as the image is meant
+to be seen, which is also how annotation tools show it).
+
+An image larger than Pillow's ``Image.MAX_IMAGE_PIXELS`` (89.5 megapixels by default) is refused from its
+header, before any pixel is decoded (:func:`open_image`): a decompression bomb of a few hundred bytes can
+declare billions of pixels.
 """
 
 from __future__ import annotations
@@ -54,16 +59,41 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than Pillow's limit; the message names the file."""
+
+
+def open_image(path: str | Path, *, what: str = "image") -> Image.Image:
+    """``Image.open`` (lazy: nothing decoded yet) of an image no larger than ``Image.MAX_IMAGE_PIXELS``.
+
+    Raises :class:`ImageTooLargeError` naming ``what`` and ``path`` otherwise; the caller closes the image.
+    """
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:  # Pillow's own refusal, above twice its limit
+        raise ImageTooLargeError(f"{what} {path} is refused as a decompression bomb: {error}") from None
+    width, height = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        image.close()
+        raise ImageTooLargeError(f"{what} {path} is {width}x{height} ({width * height} pixels), more than the "
+                                 f"{limit} pixels images may have (a decompression bomb, or an image to downscale "
+                                 "or tile first)")
+    return image
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8 [H, W, 3], EXIF orientation applied."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             transposed = ImageOps.exif_transpose(image)
             return to_rgb_array(transposed if transposed is not None else image)
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
+    except ImageTooLargeError:
+        raise
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"image {path} could not be read: {error}") from error
 

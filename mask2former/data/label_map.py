@@ -11,10 +11,11 @@ logit is index K. With ``contiguous_id`` false the class index IS the raw id (so
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+from .json_files import MAX_CATEGORY_ID, load_json_file, preview
 
 NUM_CLASSES_KEY = "model.sem_seg_head.num_classes"
 IGNORE_VALUE = 255  # value of void/ignored pixels in semantic maps, so no class or raw id may take it
@@ -46,14 +47,14 @@ def default_color(raw_id: int) -> Tuple[int, int, int]:
 def _parse_entry(raw: object, *, position: int, source: str) -> LabelEntry:
     where = f"label map {source}, entry {position}"
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected an object {{id, name, color, isthing}}, got {raw!r}")
+        raise ValueError(f"{where}: expected an object {{id, name, color, isthing}}, got {preview(raw)}")
     if "id" not in raw or isinstance(raw["id"], bool) or not isinstance(raw["id"], int):
-        raise ValueError(f"{where}: 'id' must be an integer, got {raw.get('id')!r}")
-    if raw["id"] < 0:
-        raise ValueError(f"{where}: 'id' must be >= 0, got {raw['id']}")
+        raise ValueError(f"{where}: 'id' must be an integer, got {preview(raw.get('id'))}")
+    if not 0 <= raw["id"] <= MAX_CATEGORY_ID:
+        raise ValueError(f"{where}: 'id' must be in 0..{MAX_CATEGORY_ID}, got {raw['id']}")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{where} (id {raw['id']}): 'name' must be a non-empty string, got {name!r}")
+        raise ValueError(f"{where} (id {raw['id']}): 'name' must be a non-empty string, got {preview(name)}")
     color = raw.get("color")
     if color is None:
         color_t = default_color(raw["id"])
@@ -61,11 +62,11 @@ def _parse_entry(raw: object, *, position: int, source: str) -> LabelEntry:
         if (not isinstance(color, (list, tuple)) or len(color) != 3
                 or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)):
             raise ValueError(f"{where} (id {raw['id']}): 'color' must be [r, g, b] with integers 0..255, "
-                             f"got {color!r}")
+                             f"got {preview(color)}")
         color_t = (int(color[0]), int(color[1]), int(color[2]))
     isthing = raw.get("isthing", 1)
     if isthing not in (0, 1, True, False):
-        raise ValueError(f"{where} (id {raw['id']}): 'isthing' must be 0/1 or true/false, got {isthing!r}")
+        raise ValueError(f"{where} (id {raw['id']}): 'isthing' must be 0/1 or true/false, got {preview(isthing)}")
     return LabelEntry(id=raw["id"], name=name, color=color_t, isthing=bool(isthing))
 
 
@@ -117,10 +118,7 @@ class LabelMap:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"label map {path} (dataset.label_map) does not exist")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"label map {path} is not valid JSON: {error}") from error
+        data = load_json_file(path, describe="label map")
         if isinstance(data, dict) and "categories" in data:
             data = data["categories"]  # a COCO annotation file's categories are the same shape
         if not isinstance(data, list):
