@@ -24,7 +24,8 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest hook sig
         return
     lines = ["| # | input | door | result |", "|---:|---|---|---|"]
     for number, (case, door, result) in enumerate(OUTCOMES, start=1):
-        result = re.sub(r"/\S*?/sandbox/", "<sandbox>/", result).replace("|", "/")
+        result = re.sub(r"(file://)?/\S*?/sandbox/", lambda m: (m.group(1) or "") + "<sandbox>/", result)
+        result = result.replace("|", "/")
         lines.append(f"| {number} | {case} | {door} | {result} |")
     Path(target).write_text("\n".join(lines) + "\n")
 

@@ -36,7 +36,7 @@ OUTCOMES: List[Tuple[str, str, str]] = []
 
 @dataclass
 class Outcome:
-    code: int
+    code: Optional[int]  # the CLI's exit status; None where the door raises (staging)
     message: str  # the FAILURE line of status.json (exit 1), or the "error:" line of the output (exit 2)
     output: str
     seconds: float
@@ -139,7 +139,7 @@ class Sandbox:
                        changed_outside=changes)
 
 
-def assert_refused(outcome: Outcome, pattern: str, *, case: str, door: str, code: int = 1,
+def assert_refused(outcome: Outcome, pattern: str, *, case: str, door: str, code: Optional[int] = 1,
                    max_seconds: float = 120.0) -> None:
     """Refused with one sentence matching ``pattern``, no traceback, nothing changed outside the job folder."""
     assert outcome.code == code, (outcome.code, outcome.message, outcome.output[-3000:])
@@ -147,7 +147,8 @@ def assert_refused(outcome: Outcome, pattern: str, *, case: str, door: str, code
     assert "\n" not in outcome.message and "Traceback" not in outcome.output, outcome.output[-3000:]
     assert outcome.changed_outside == {}, outcome.changed_outside
     assert outcome.seconds < max_seconds, outcome.seconds
-    OUTCOMES.append((case, door, f"refused, exit {code}: {outcome.message}"))
+    how = "raised" if code is None else f"exit {code}"
+    OUTCOMES.append((case, door, f"refused, {how}: {outcome.message}"))
 
 
 def record_accepted(case: str, door: str, what: str) -> None:

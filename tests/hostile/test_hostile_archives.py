@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 import uuid
 import zipfile
 import zlib
@@ -15,7 +16,7 @@ from typing import Callable, Dict
 
 import pytest
 
-from hostile_support import Sandbox, assert_refused
+from hostile_support import Outcome, Sandbox, assert_refused
 from mask2former.data.archives import UnsafeArchiveError
 from mask2former.data.staging import stage_sources
 
@@ -89,19 +90,16 @@ def _through_cli(sandbox: Sandbox, archive: Path):
 
 def _through_staging(sandbox: Sandbox, archive: Path):
     """The job's staging of a file:// source into its cache; a refusal becomes the outcome's message."""
-    from hostile_support import Outcome
-    import time
-
     cache = sandbox.job / "cache"
     started = time.monotonic()
     with sandbox.watched() as changes:
         try:
             stage_sources({"dataset.train.img_dir": f"file://{archive}"}, cache_dir=cache, progress=lambda line: None)
-            code, message = 0, ""
+            message = ""
         except UnsafeArchiveError as error:
-            code, message = 1, str(error)
+            message = str(error)
     assert not [p for p in cache.rglob("*") if p.is_file()], "nothing extracted into the cache"
-    return Outcome(code=code, message=message, output="", seconds=time.monotonic() - started,
+    return Outcome(code=None, message=message, output="", seconds=time.monotonic() - started,
                    changed_outside=changes)
 
 
@@ -114,7 +112,8 @@ def test_an_unsafe_member_is_refused_naming_it(sandbox, case, door):
     build, pattern = CASES[case]
     archive = _tar(sandbox.data / "evil.tar.gz", build(sandbox))
     outcome = DOORS[door](sandbox, archive)
-    assert_refused(outcome, f"{archive}: refusing to extract {pattern}", case=f"archive: {case}", door=door)
+    assert_refused(outcome, f"{archive}: refusing to extract {pattern}", case=f"archive: {case}", door=door,
+                   code=None if door == "staging" else 1)
     assert not Path(ESCAPE).exists()
     assert not (sandbox.data / "evil").exists() and not list(sandbox.data.glob(".evil.partial-*"))
 
@@ -131,7 +130,8 @@ def test_a_gzip_bomb_is_refused_before_it_is_written(sandbox, gzip_bomb, door):
     outcome = DOORS[door](sandbox, archive)
     assert_refused(outcome, rf"{archive}: refusing to extract member 'bomb.jpg': the archive would expand to more "
                             r"than \d+ bytes \(100 times its \d+ bytes plus 64 MiB\): a decompression bomb",
-                   case="archive: gzip bomb (1 GiB of zeros in 4.5 MB)", door=door, max_seconds=60)
+                   case="archive: gzip bomb (1 GiB of zeros in 4.5 MB)", door=door, max_seconds=60,
+                   code=None if door == "staging" else 1)
     assert not (sandbox.data / "bomb").exists()
 
 

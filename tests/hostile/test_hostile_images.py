@@ -99,8 +99,7 @@ def test_16_bit_and_cmyk_images_are_accepted_and_converted(sandbox, tmp_path):
     written = sorted(p.name for p in (sandbox.job / "panoptic").glob("*.png"))
     assert written == ["cmyk.png", "gray16.png", "rgb16.png"]
     assert outcome.changed_outside == {}
-    for name, what in (("cmyk.jpg", "converted to RGB by Pillow (no colour management)"),
-                       ("gray16.png", "scaled from 0..65535 to 0..255 gray"),
-                       ("rgb16.png", "read by Pillow as 8-bit RGB (the high byte)")):
-        record_accepted(f"image: {'CMYK JPEG' if name == 'cmyk.jpg' else '16-bit ' + name[:-6] + ' PNG'}",
-                        "inference CLI", what)
+    for name, what in (("CMYK JPEG", "converted to RGB by Pillow (no colour management)"),
+                       ("16-bit grayscale PNG", "scaled from 0..65535 to 0..255 gray"),
+                       ("16-bit RGB PNG", "read by Pillow as 8-bit RGB (the high byte)")):
+        record_accepted(f"image: {name}", "inference CLI", what)
