@@ -6,7 +6,8 @@ Each operation runs in its own worker process (so its peak RSS is its own), form
 ``--rounds`` rounds; times are the best round, memory the largest rise of the worker's peak RSS over its
 RSS just before the operation. The file is random (incompressible, like trained weights). The key
 derivation is part of each operation; its time, measured in the same worker just before, is listed apart and
-taken out of the throughput (for age it cannot be split: pyrage calibrates and derives inside one call). Writes ``bench/results/crypto.json``.
+taken out of the throughput (for age it cannot be split: pyrage calibrates and derives inside one call).
+Writes ``bench/results/crypto.json``.
 
     .venv/bin/python bench/bench_crypto.py [--mb 256] [--rounds 3] [--v1-commit 368794b]
 """
@@ -140,7 +141,6 @@ def main() -> None:
                     (work / "out.bin").unlink()
     summary = {fmt: {op: _summary(m, args.mb) for op, m in ops.items()} for fmt, ops in results.items()}
     import cryptography
-    import pyrage  # noqa: F401
     from importlib.metadata import version
 
     report = {"file_mb": args.mb, "rounds": args.rounds, "v1_commit": args.v1_commit, "summary": summary,

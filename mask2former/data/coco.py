@@ -8,10 +8,11 @@ stops a job before any training or evaluation, with a message naming the file an
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -48,10 +49,19 @@ def category_id(value: Any, *, where: str) -> int:
     return json_int(value, where=where, name="category_id", high=MAX_CATEGORY_ID)
 
 
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 def _polygon(polygon: Any, *, where: str) -> List[float]:
     if not isinstance(polygon, list) or len(polygon) % 2:
         raise ValueError(f"{where}: a polygon must be a flat list of x, y pairs, got {preview(polygon)}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in polygon):
+    if not all(_finite_number(v) for v in polygon):
         raise ValueError(f"{where}: polygon coordinates must be finite numbers, got {preview(polygon)}")
     return [float(v) for v in polygon]
 
@@ -89,7 +99,7 @@ def segmentation_to_mask(segmentation: Any, *, height: int, width: int, where: s
         raise ValueError(f"{where}: the RLE mask cannot be decoded ({error})") from None
 
 
-def image_size(height: Any, width: Any, *, where: str) -> tuple:
+def image_size(height: Any, width: Any, *, where: str) -> Tuple[int, int]:
     """(height, width) of an annotated image: positive integers within Pillow's pixel limit."""
     height = json_int(height, where=where, name="height", low=1)
     width = json_int(width, where=where, name="width", low=1)
@@ -171,7 +181,7 @@ class CocoInstanceReader:
 class _Instance:
     """One entry of ``annotations``, its scalar fields checked; the segmentation is decoded on demand."""
 
-    annotation_id: Any  # int, or None when the entry has no id
+    annotation_id: Optional[int]  # None when the entry has no id
     image_id: int
     category_id: int
     iscrowd: bool

@@ -18,7 +18,7 @@ import numpy as np
 from .coco import category_id, image_record, read_json, require_keys
 from .folders import FileLocator, open_folder
 from .images import ImageTooLargeError, open_image
-from .json_files import json_flag, json_int, json_object, relative_file_name
+from .json_files import json_flag, json_int, json_object, preview, relative_file_name
 from .records import ImageRecord, ImageSegments, Segment
 
 #: Segment ids a panoptic PNG can hold (24-bit RGB; 0 is void).
@@ -58,7 +58,8 @@ def _segments_info(annotation: Dict[str, Any], *, where: str) -> List[Tuple[int,
         place = f"{where}, segments_info[{position}]"
         info = json_object(info, where=place)
         if "id" not in info or "category_id" not in info:
-            raise ValueError(f"{place}: each segments_info entry needs id and category_id, got keys {sorted(info)}")
+            raise ValueError(f"{place}: each segments_info entry needs id and category_id, got keys "
+                             f"{preview(sorted(info))}")
         parsed.append((json_int(info["id"], where=place, name="id", low=1, high=MAX_SEGMENT_ID),
                        category_id(info["category_id"], where=place),
                        json_flag(info.get("iscrowd", 0), where=place, name="iscrowd")))
@@ -86,7 +87,7 @@ class CocoPanopticReader:
             annotation = json_object(annotation, where=where)
             if "image_id" not in annotation or "file_name" not in annotation:
                 raise ValueError(f"annotation file {self.annotation_file}: every annotation needs image_id and "
-                                 f"file_name, got keys {sorted(annotation)}")
+                                 f"file_name, got keys {preview(sorted(annotation))}")
             annotations[json_int(annotation["image_id"], where=where, name="image_id")] = (
                 relative_file_name(annotation["file_name"], where=where, name="file_name"),
                 _segments_info(annotation, where=where))

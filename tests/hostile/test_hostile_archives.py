@@ -48,7 +48,8 @@ CASES: Dict[str, tuple] = {
     "member with an absolute path": (
         lambda s: [(_info(ESCAPE), JPEG)], r"member '/tmp/m2f-hostile-.*': absolute path"),
     "member with '..'": (
-        lambda s: [(_info("images/../../../outside/pwned.jpg"), JPEG)], r"member '.*\.\./outside/pwned.jpg': path contains '\.\.'"),
+        lambda s: [(_info("images/../../../outside/pwned.jpg"), JPEG)],
+        r"member '.*\.\./outside/pwned.jpg': path contains '\.\.'"),
     "symlink leaving the folder": (
         lambda s: [(_info("escape", tarfile.SYMTYPE, "../../outside"), None), (_info("escape/pwned.jpg"), JPEG)],
         r"member 'escape': symlink to '\.\./\.\./outside' leaves the destination folder"),

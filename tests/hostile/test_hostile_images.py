@@ -22,7 +22,8 @@ from mask2former.results import read_status
 def _first(sandbox: Sandbox, fmt: str, folder: str) -> Path:
     """The file of the first image (folder 'images') or panoptic PNG (folder 'images_panoptic')."""
     root = sandbox.train_root(fmt)
-    data = json.loads((root / ("annotations_panoptic.json" if fmt == "coco_panoptic" else "annotations.json")).read_text())
+    annotations = "annotations_panoptic.json" if fmt == "coco_panoptic" else "annotations.json"
+    data = json.loads((root / annotations).read_text())
     entries = data["images"] if folder == "images" else data["annotations"]
     return root / folder / entries[0]["file_name"]
 
@@ -45,7 +46,8 @@ IMAGES = {
     "a 10000 x 10000 PNG, over the pixel limit but under Pillow's own refusal": (
         "images", lambda: png_bytes(10000, 10000, bit_depth=1, color_type=0),
         r"image {path} is 10000x10000 \(100000000 pixels\), more than the 89478485 pixels images may have"),
-    "truncated JPEG": ("images", lambda: _jpeg()[:400], r"image {path} could not be read: (image file is truncated|Truncated File Read)"),
+    "truncated JPEG": ("images", lambda: _jpeg()[:400],
+                       r"image {path} could not be read: (image file is truncated|Truncated File Read)"),
     "truncated PNG": ("images", lambda: png_bytes(64, 64)[:60], r"image {path} could not be read: "),
     "panoptic PNG bomb": (
         "images_panoptic", lambda: png_bytes(30000, 30000, bit_depth=1, color_type=0),

@@ -115,12 +115,13 @@ FILES: Dict[str, tuple] = {
     "a 1 TiB annotation file": _sparse_terabyte,
     "arrays nested 100000 deep": lambda p: (p.write_text("[" * 100000 + "]" * 100000),
                                             "nests arrays or objects deeper than the JSON reader follows")[1],
-    "a number of 100000 digits": lambda p: (p.write_text('{"images": [], "annotations": [], "n": 1' + "0" * 100000 + "}"),
-                                            "cannot be read: Exceeds the limit .* for integer string conversion")[1],
+    "a number of 100000 digits": lambda p: (
+        p.write_text('{"images": [], "annotations": [], "n": 1' + "0" * 100000 + "}"),
+        "cannot be read: Exceeds the limit .* for integer string conversion")[1],
     "not UTF-8": lambda p: (p.write_bytes(b'{"images": [], "annotations": [], "info": "caf\xe9"}'),
                             r"is not UTF-8 text: byte 0xe9 at offset 46 cannot be decoded")[1],
-    "a list at the top": lambda p: (p.write_text("[1, 2]"), r": expected a JSON object with \['images', 'annotations'\], "
-                                                           r"got list")[1],
+    "a list at the top": lambda p: (
+        p.write_text("[1, 2]"), r": expected a JSON object with \['images', 'annotations'\], got list")[1],
 }
 
 
