@@ -73,6 +73,7 @@ __all__ = [
     "is_encrypted",
     "key_from_environment",
     "open_model_bytes",
+    "upgrade_file",
     "write_model_bytes",
 ]
 
