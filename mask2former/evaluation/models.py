@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from ..actions.job import ActionError
+from ..errors import ActionError
 from ..actions.model_keys import require_model_key, resolve_model_file
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..data.label_map import LabelEntry, LabelMap, default_color

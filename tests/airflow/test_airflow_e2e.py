@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from airflow_stack import AirflowStack
-from operators.jobs import job_id
+from operators.utils.jobs import job_id
 from helpers import make_dataset, tiny_overrides, upload_tree
 from s3_server import moto_endpoint, moto_server, new_bucket, s3_client  # noqa: F401 - pytest fixtures
 from test_automl_pipeline import FIXED_SIZES, SMALL_SPACE  # the search space the tiny model can afford
