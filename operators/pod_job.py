@@ -105,7 +105,7 @@ class JobProcess:
         monitor = threading.Thread(target=self._monitor, name="job-monitor", daemon=True)
         self._status_offset = (self.folder / results.STATUS_FILE).stat().st_size \
             if (self.folder / results.STATUS_FILE).is_file() else 0
-        self._tick()
+        self._safe_tick()
         monitor.start()
         try:
             code = self._prepare_and_run()
@@ -151,13 +151,17 @@ class JobProcess:
 
     def _monitor(self) -> None:
         while not self._done.wait(self.job.check_interval):
-            try:
-                self._tick()
-                reason = None if self.stop_reason else self.hook.stop_requested(self.job.publish_uri)
-                if reason:
-                    self.stop(reason)
-            except Exception as error:  # noqa: BLE001 - a storage hiccup must not end the job; next tick retries
-                self.log(f"job monitor: {type(error).__name__}: {error}")
+            self._safe_tick()
+
+    def _safe_tick(self) -> None:
+        """A tick, then a look for a stop request; a storage hiccup must not end the job (the next tick retries)."""
+        try:
+            self._tick()
+            reason = None if self.stop_reason else self.hook.stop_requested(self.job.publish_uri)
+            if reason:
+                self.stop(reason)
+        except Exception as error:  # noqa: BLE001
+            self.log(f"job monitor: {type(error).__name__}: {error}")
 
     def _tick(self, **extra: object) -> None:
         """Heartbeat, new status lines into this process's output, status.json uploaded when published elsewhere."""
@@ -174,24 +178,35 @@ class JobProcess:
     def _finish(self, code: int) -> None:
         last = results.read_status(self.folder)
         if not last or last[-1].get("status") not in FINAL_STATUSES or (self.stop_reason and code != 0):
+            ended = f"was killed by signal {-code} ({signal.Signals(-code).name})" if code < 0 else \
+                f"ended with exit status {code}"
             why = f"stopped: {self.stop_reason}" if self.stop_reason else \
-                f"the engine ended with exit status {code} before writing its final status"
+                f"the engine {ended} before writing its final status"
             results.StatusWriter(self.folder).failure(f"{self.job.action} {why}")
-        self._tick(exit_code=code, stop_reason=self.stop_reason)
+        try:
+            self._tick(exit_code=code, stop_reason=self.stop_reason)
+        except Exception as error:  # noqa: BLE001 - publishing matters more than the last beat
+            self.log(f"job monitor: {type(error).__name__}: {error}")
         self.hook.publish(self.folder, self.job.publish_uri, log=self.log)
 
 
+def _print(message: str) -> None:
+    """The job's own lines, plain on stdout: the task log (a child job), job.log (a detached one) or the pod's log
+    time-stamps them."""
+    print(message, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:  # noqa: ARG001 - entry point
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     logging.getLogger("airflow").setLevel(logging.WARNING)
-    log = logging.getLogger("mask2former.job").info
+    log = _print
     raw = os.environ.get(JOB_ENV)
     if not raw:
         print(f"error: {JOB_ENV} is not set (the launcher passes the job in it)", file=sys.stderr)
         return EXIT_USAGE
     process = JobProcess(JobDescription.from_json(raw), Mask2FormerStorageHook(aws_conn_id=None), log)
     signal.signal(signal.SIGTERM, lambda signum, frame: process.stop(f"received {signal.Signals(signum).name}"))
-    return process.run()
+    code = process.run()
+    return code if code >= 0 else 128 - code  # an engine killed by a signal, as a shell reports it
 
 
 if __name__ == "__main__":

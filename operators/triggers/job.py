@@ -53,6 +53,7 @@ class Mask2FormerJobTrigger(BaseTrigger):
         self.stale_after = stale_after
         self.deadline = deadline
         self.pod = pod
+        self._last_line: Dict[str, Any] = {}
 
     def serialize(self) -> Tuple[str, Dict[str, Any]]:
         return f"{type(self).__module__}.{type(self).__qualname__}", {
@@ -85,7 +86,7 @@ class Mask2FormerJobTrigger(BaseTrigger):
     async def _check(self, hook: Mask2FormerStorageHook, lines: list) -> Optional[Dict[str, Any]]:
         if lines:
             self._last_line = lines[-1]
-        last = getattr(self, "_last_line", {})
+        last = self._last_line
         if last.get("status") in FINAL_STATUSES and await sync_to_async(hook.is_finished)(self.job_uri):
             return {"status": last["status"].lower(), "job_uri": self.job_uri, "message": last.get("message", "")}
         now = time.time()

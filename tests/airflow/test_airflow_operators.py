@@ -353,10 +353,18 @@ async def _first(trigger):
         return event.payload
 
 
-def test_the_trigger_streams_status_lines_and_fires_once_the_job_is_published(tmp_path, caplog):
+class _TaskLog(list):
+    """Collects what the trigger logs (in the triggerer this goes to the task's log)."""
+
+    def info(self, message, *args):
+        self.append(message % args if args else message)
+
+
+def test_the_trigger_streams_status_lines_and_fires_once_the_job_is_published(tmp_path):
     job = tmp_path / "job"
     job.mkdir()
     trigger = _trigger(job)
+    trigger._log = task_log = _TaskLog()
     classpath, kwargs = trigger.serialize()
     assert classpath == "operators.triggers.job.Mask2FormerJobTrigger" and Mask2FormerJobTrigger(**kwargs).job_uri
 
@@ -368,11 +376,11 @@ def test_the_trigger_streams_status_lines_and_fires_once_the_job_is_published(tm
         time.sleep(0.3)  # the final line is seen before the folder is published: the trigger waits
         LOCAL.publish(job, str(job))
 
-    caplog.set_level("INFO")
     threading.Thread(target=the_job).start()
     event = asyncio.run(_first(trigger))
     assert event == {"status": "success", "job_uri": str(job), "message": "train finished"}
-    assert 'status.json: [RUNNING] epoch 1 done, epoch 1/2, kpi {"mIoU": 1.5}' in caplog.text
+    assert task_log == [f"following job {job}", 'status.json: [RUNNING] epoch 1 done, epoch 1/2, kpi {"mIoU": 1.5}',
+                        "status.json: [SUCCESS] train finished"]
 
 
 def test_the_trigger_fails_a_dead_job_and_stops_one_past_its_deadline(tmp_path):
@@ -390,6 +398,29 @@ def test_the_trigger_fails_a_dead_job_and_stops_one_past_its_deadline(tmp_path):
     LOCAL.clear_job_controls(str(job))
     asyncio.run(_trigger(job).on_kill())
     assert LOCAL.stop_requested(str(job)) == "the Airflow task was stopped by a user"
+
+
+def test_a_retried_task_follows_its_still_running_job_instead_of_starting_another(tmp_path, dataset, monkeypatch):
+    op = Mask2FormerTrainOperator(task_id="train", train_datasets=str(dataset / "train"),
+                                  eval_dataset=str(dataset / "val"), dataset_format="coco_panoptic",
+                                  results_root=str(tmp_path / "results"), spec_overrides=tiny_overrides(),
+                                  check_interval=0.2)
+    context = fake_context(task_id="train")
+    paths = op.job_paths(context)
+    paths.local_dir.mkdir(parents=True)
+    LOCAL.beat(paths.publish_uri, host="worker-1", pid=4242)  # the earlier attempt's job, still alive
+    monkeypatch.setattr(LocalProcessLauncher, "run", lambda *args: pytest.fail("a second job was started"))
+    monkeypatch.setattr(LocalProcessLauncher, "start", lambda *args: pytest.fail("a second job was started"))
+
+    def the_job_ends():
+        time.sleep(0.5)
+        fake_train_folder(paths.local_dir)
+        LOCAL.beat(paths.publish_uri, host="worker-1", pid=4242, exit_code=0)
+        LOCAL.publish(paths.local_dir, paths.publish_uri)
+
+    threading.Thread(target=the_job_ends).start()
+    outcome = op.execute(context)
+    assert outcome["status"] == "SUCCESS" and outcome["results_dir"] == paths.publish_uri
 
 
 # ------------------------------------------------------------------------------------ GPU stages
