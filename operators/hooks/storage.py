@@ -213,16 +213,19 @@ class Mask2FormerStorageHook(BaseHook):
         where = _where(uri)
         if isinstance(where, Path):
             path = _inside(where, inside)
+            if path is None or not path.is_file():
+                return None
             try:
-                with open(path, "rb") if path is not None and path.is_file() else contextlib.nullcontext() as handle:
-                    if handle is None:
-                        return None
+                with open(path, "rb") as handle:
                     handle.seek(start)
                     return handle.read()
             except FileNotFoundError:
                 return None
         opened = self._get_object(uri, where, start)
-        return None if opened is None else b"".join(opened.chunks)
+        if opened is None:
+            return None
+        with _s3_errors(uri, "Reading"):
+            return b"".join(opened.chunks)
 
     def open(self, uri: str, *, inside: Optional[str] = None) -> Optional[OpenedFile]:
         """The file's content as chunks (streamed from S3), or None when it does not exist (or, local,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -421,6 +422,35 @@ def test_a_retried_task_follows_its_still_running_job_instead_of_starting_anothe
     threading.Thread(target=the_job_ends).start()
     outcome = op.execute(context)
     assert outcome["status"] == "SUCCESS" and outcome["results_dir"] == paths.publish_uri
+
+
+def test_without_waiting_the_task_returns_once_its_detached_job_is_launched(tmp_path, dataset):
+    op = Mask2FormerTrainOperator(task_id="train", train_datasets=str(dataset / "train"),
+                                  eval_dataset=str(dataset / "val"), dataset_format="coco_panoptic",
+                                  results_root=str(tmp_path / "results"), wait_for_completion=False,
+                                  spec_overrides=tiny_overrides(**{"train.num_epochs": 50}), check_interval=0.5)
+    paths = op.job_paths(fake_context(task_id="train"))
+    began = time.monotonic()
+    outcome = op.execute(fake_context(task_id="train"))
+    assert time.monotonic() - began < 30 and outcome["results_dir"] == paths.publish_uri
+    assert outcome["status"] in (None, "STARTED") and outcome["artifacts"] == {}
+    beat = _wait(lambda: LOCAL.last_beat(paths.publish_uri), 120)  # the detached job runs on its own
+    job = psutil.Process(beat["pid"])
+    assert os.getsid(job.pid) == job.pid  # a session of its own: detached from the task
+    job.terminate()  # as a deploy stopping the machine would: the job stops its engine and publishes
+    _wait(lambda: LOCAL.is_finished(paths.publish_uri), 120)
+    assert results.read_status(paths.local_dir)[-1]["status"] == "FAILURE"
+    assert "received SIGTERM" in results.read_status(paths.local_dir)[-1]["message"]
+
+
+def _wait(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"not done after {timeout} s")
 
 
 # ------------------------------------------------------------------------------------ GPU stages
