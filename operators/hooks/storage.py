@@ -210,33 +210,27 @@ class Mask2FormerStorageHook(BaseHook):
 
     def read_bytes(self, uri: str, start: int = 0, *, inside: Optional[str] = None) -> Optional[bytes]:
         """The file's bytes from ``start`` on (b"" past its end), or None when it does not exist."""
-        where = _where(uri)
-        if isinstance(where, Path):
-            path = _inside(where, inside)
-            if path is None or not path.is_file():
-                return None
-            try:
-                with open(path, "rb") as handle:
-                    handle.seek(start)
-                    return handle.read()
-            except FileNotFoundError:
-                return None
-        opened = self._get_object(uri, where, start)
+        opened = self.open(uri, start=start, inside=inside)
         if opened is None:
             return None
         with _s3_errors(uri, "Reading"):
             return b"".join(opened.chunks)
 
-    def open(self, uri: str, *, inside: Optional[str] = None) -> Optional[OpenedFile]:
-        """The file's content as chunks (streamed from S3), or None when it does not exist (or, local,
-        when it lies outside ``inside``)."""
+    def open(self, uri: str, *, start: int = 0, inside: Optional[str] = None) -> Optional[OpenedFile]:
+        """The file's content from ``start`` on, as chunks (streamed from S3), or None when it does not exist
+        (or, local, when it lies outside ``inside``)."""
         where = _where(uri)
-        if isinstance(where, Path):
-            path = _inside(where, inside)
-            if path is None or not path.is_file():
-                return None
-            return OpenedFile(_chunks(open(path, "rb")), path.stat().st_size)  # noqa: SIM115 - closed by _chunks
-        return self._get_object(uri, where, 0)
+        if not isinstance(where, Path):
+            return self._get_object(uri, where, start)
+        path = _inside(where, inside)
+        try:
+            handle = open(path, "rb") if path is not None and path.is_file() else None  # noqa: SIM115 - _chunks closes
+        except FileNotFoundError:
+            return None
+        if handle is None:
+            return None
+        handle.seek(start)
+        return OpenedFile(_chunks(handle), max(0, path.stat().st_size - start))
 
     def _get_object(self, uri: str, where: _S3, start: int) -> Optional[OpenedFile]:
         from botocore.exceptions import ClientError
