@@ -3,11 +3,11 @@
 For train, evaluate and export (tiny config, 64 px synthetic COCO-panoptic data):
 
 * ``bare_cli_s``: the engine's job alone, ``python -m mask2former ACTION -e spec.yaml``, data already local;
-* ``operator_s``: the operator's ``execute`` (spec building and validation, data planning on S3, staging
-  through the Airflow connection's S3 client, the same CLI job as a subprocess with status following,
-  publishing the results folder to S3, reading the outcome);
+* ``operator_s``: the operator's ``execute`` (spec building and validation, data planning on S3, the job
+  process: staging through the connection's S3 credentials, the same CLI job, status following, publishing
+  the results folder to S3; then reading the outcome);
 * ``overhead_s = operator_s - bare_cli_s`` (as asked; includes the run-to-run noise of the job itself) and
-  ``overhead_own_s = operator_s - the operator's own subprocess time`` (what the operator adds around it).
+  ``overhead_own_s = operator_s - the job process's time`` (what the operator adds around its job process).
 
 Staging: the training sources staged twice into a fresh cache (bytes downloaded the first time, 0 the second).
 
@@ -19,7 +19,6 @@ Writes the JSON and prints a table. Needs moto's server (requirements-dev.txt); 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -51,17 +50,17 @@ def upload(client, local: Path, bucket: str, prefix: str) -> None:
 
 
 def timed_launcher():
-    from operators.launchers import LocalProcessLauncher
+    from operators import LocalProcessLauncher
 
     class TimedLauncher(LocalProcessLauncher):
-        """The operator's launcher, timing its subprocess (for the operator's own overhead)."""
+        """The operator's launcher, timing its job process (for the operator's own overhead)."""
 
         process_s = 0.0
 
-        def _run_process(self, request):
+        def run(self, job, env, log):
             began = time.monotonic()
             try:
-                super()._run_process(request)
+                return super().run(job, env, log)
             finally:
                 self.process_s = time.monotonic() - began
 
@@ -130,13 +129,15 @@ def run(args, work: Path, endpoint: str) -> int:
                    capture_output=True)
     upload(client, data, "bench", "data")
 
+    from mask2former.config import ACTION_SECTIONS
     from mask2former.data.sources import plan_data_sources
-    from mask2former.data.staging import airflow_s3_client_factory, stage_sources
-    from operators.mask2former_operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator,
-                                                 Mask2FormerTrainOperator)
-    from operators.overrides import overrides_for_action
+    from operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator, Mask2FormerStorageHook,
+                           Mask2FormerTrainOperator)
 
-    factory = functools.partial(airflow_s3_client_factory, "aws_default")
+    def overrides_for_action(action, keys):
+        return {k: v for k, v in keys.items() if k.split(".", 1)[0] in ACTION_SECTIONS[action]}
+
+    storage = Mask2FormerStorageHook(aws_conn_id="aws_default")
     overrides = {**TINY, "model.sem_seg_head.num_classes": NUM_CLASSES, "train.num_epochs": 1}
 
     # Staging: first into an empty cache, then again.
@@ -144,7 +145,7 @@ def run(args, work: Path, endpoint: str) -> int:
                                 exists=lambda uri: True)
     staging = []
     for attempt in ("first", "second"):
-        staged = stage_sources(planned, work / "staging-cache", s3_client_factory=factory, progress=lambda line: None)
+        staged = storage.stage(planned, work / "staging-cache", log=lambda line: None)
         staging.append({"run": attempt, "seconds": round(staged.seconds, 3), "downloaded_bytes": staged.downloaded_bytes,
                         "downloaded_files": staged.downloaded_files, "cache_hits": staged.cache_hits})
     local_sources = staged.local_overrides

@@ -24,8 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mask2former.data.sources import plan_data_sources, source_exists_checker  # noqa: E402
-from mask2former.data.staging import stage_sources  # noqa: E402
+from mask2former.data.sources import plan_data_sources  # noqa: E402
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -72,24 +71,27 @@ def run(*, images: int, image_kb: int, workers: int, out: Path) -> dict[str, Any
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint  # the storage hook without a connection: boto3's environment
     try:
+        from operators import Mask2FormerStorageHook
+
+        storage = Mask2FormerStorageHook(aws_conn_id=None)
         client = boto3.client("s3", endpoint_url=endpoint, region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
         gets: list[str] = []
-        client.meta.events.register("provide-client-params.s3.GetObject",
-                                    lambda params, **_: gets.append(params["Key"]))
+        storage.get_conn().meta.events.register("provide-client-params.s3.GetObject",
+                                                lambda params, **_: gets.append(params["Key"]))
         client.create_bucket(Bucket="bench")
         objects = synthetic_dataset(images=images, image_bytes=image_kb * 1024)
         for key, body in objects.items():
             client.put_object(Bucket="bench", Key=key, Body=body)
         plan = plan_data_sources("train", "s3://bench/train", "s3://bench/val", "coco_panoptic",
-                                 exists=source_exists_checker(lambda: client))
+                                 exists=storage.exists)
         runs = {}
         with tempfile.TemporaryDirectory(prefix="bench-staging-") as cache:
             for name in ("first", "second"):
                 gets.clear()
                 began = time.perf_counter()
-                result = stage_sources(plan, cache, s3_client_factory=lambda: client, max_workers=workers,
-                                       progress=lambda line: None)
+                result = storage.stage(plan, cache, max_workers=workers, log=lambda line: None)
                 runs[name] = {
                     "seconds": round(time.perf_counter() - began, 3),
                     "downloaded_bytes": result.downloaded_bytes,
@@ -101,7 +103,8 @@ def run(*, images: int, image_kb: int, workers: int, out: Path) -> dict[str, Any
     finally:
         server.stop()
     report = {
-        "benchmark": "stage_sources, same coco_panoptic train+val dataset twice from moto S3 on 127.0.0.1",
+        "benchmark": "Mask2FormerStorageHook.stage, same coco_panoptic train+val dataset twice from moto S3 on "
+                     "127.0.0.1",
         "objects": len(objects),
         "object_bytes": sum(len(body) for body in objects.values()),
         "images_train": images,
@@ -129,7 +132,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=96, help="training images (val gets a quarter)")
     parser.add_argument("--image-kb", type=int, default=48, help="size of one synthetic image in KiB")
-    parser.add_argument("--workers", type=int, default=4, help="stage_sources max_workers")
+    parser.add_argument("--workers", type=int, default=4, help="the storage hook's stage max_workers")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "staging.json")
     args = parser.parse_args()
     report = run(images=args.images, image_kb=args.image_kb, workers=args.workers, out=args.out)

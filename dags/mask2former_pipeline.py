@@ -10,10 +10,10 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG
 
+from mask2former_automl import AUTOML_PARAM_ARGS, DEFAULT_POOL, automl_params, automl_training
 from mask2former_params import MACROS, pipeline_params
-from operators.automl import AUTOML_PARAM_ARGS, DEFAULT_POOL, automl_params, automl_training
-from operators.mask2former_operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator,
-                                             Mask2FormerGenTrtEngineOperator, Mask2FormerQuantizeOperator)
+from operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator, Mask2FormerGenTrtEngineOperator,
+                       Mask2FormerQuantizeOperator)
 
 COMMON = {
     "spec_overrides": "{{ mask2former_overrides(params) }}",
@@ -37,11 +37,11 @@ with DAG(
     tags=["mask2former"],
     doc_md=__doc__,
 ) as dag:
-    # AutoML (operators/automl.py): when params.automl_policy is auto, training goes through a hyper-parameter
+    # AutoML (mask2former_automl.py): when params.automl_policy is auto, training goes through a hyper-parameter
     # search whose trials run as mapped tasks in the mask2former_gpu pool; the `train` task returns the chosen
     # model (or the direct training's) in the train XCom shape, so the tasks below take it unchanged.
     train = automl_training(group_id="training", result_task_id="train", worker_slots=2, pool=DEFAULT_POOL,
-                            **AUTOML_PARAM_ARGS, **COMMON)
+                            automl=AUTOML_PARAM_ARGS, **COMMON)
     evaluate = Mask2FormerEvaluateOperator(task_id="evaluate", parent=train.output, **COMMON)
     export = Mask2FormerExportOperator(task_id="export", parent=train.output, **COMMON)
     gen_trt_engine = Mask2FormerGenTrtEngineOperator(task_id="gen_trt_engine", parent=export.output,

@@ -15,15 +15,14 @@ and a new champion.json. The decision, with both numbers, is logged and returned
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pendulum
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule, get_current_context, task
 
 from mask2former_params import MACROS, retrain_params
-from operators.mask2former_operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator,
-                                             Mask2FormerGenTrtEngineOperator, Mask2FormerTrainOperator)
+from operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator, Mask2FormerGenTrtEngineOperator,
+                       Mask2FormerTrainOperator)
 
 DATA_ROOT = os.environ.get("MASK2FORMER_DATA_ROOT", "s3://mask2former/retrain")
 EVAL_DATASET = os.environ.get("MASK2FORMER_EVAL_DATASET", f"{DATA_ROOT.rstrip('/')}/eval")
@@ -39,14 +38,14 @@ COMMON = {
 }
 
 
-def _s3_client_factory():
-    from mask2former.data.staging import airflow_s3_client_factory
+def _storage():
+    from operators import Mask2FormerStorageHook
 
-    return functools.partial(airflow_s3_client_factory, AWS_CONN_ID)
+    return Mask2FormerStorageHook(aws_conn_id=AWS_CONN_ID)
 
 
 def _results_root(params) -> str:
-    from operators.jobs import default_results_root
+    from operators.utils.jobs import default_results_root
 
     return params.get("results_root") or default_results_root()
 
@@ -69,19 +68,19 @@ with DAG(
     @task
     def select_partition() -> str:
         """The training partition of this run (its logical date's, else the newest)."""
-        from operators.partitions import select_partition as choose
+        from mask2former_partitions import select_partition as choose
 
         context = get_current_context()
-        uri, why = choose(context["params"]["data_root"], context.get("logical_date"), _s3_client_factory())
+        uri, why = choose(context["params"]["data_root"], context.get("logical_date"), _storage())
         print(f"training on {uri}: {why}")
         return uri
 
     @task
     def read_champion():
         """The current champion's record, or None."""
-        from operators.champion import read_champion as read
+        from mask2former_champion import read_champion as read
 
-        record = read(_results_root(get_current_context()["params"]), _s3_client_factory())
+        record = read(_results_root(get_current_context()["params"]), _storage())
         print("champion: " + (f"{record['metric']} {record['value']} on {record['eval_dataset']} (run {record['run_id']})"
                               if record else "none yet"))
         return record
@@ -89,14 +88,14 @@ with DAG(
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def champion_needs_evaluation(champion) -> bool:
         """True when the champion was scored on another evaluation set than this run's."""
-        from operators.champion import needs_evaluation
+        from mask2former_champion import needs_evaluation
 
         return needs_evaluation(champion, get_current_context()["params"]["eval_dataset"])
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def decide(challenger, champion) -> dict:
         """Compare the challenger's mIoU with the champion's on the same evaluation set."""
-        from operators.champion import decide as compare, metric_of
+        from mask2former_champion import decide as compare, metric_of
 
         context = get_current_context()
         rescored = context["ti"].xcom_pull(task_ids="evaluate_champion")
@@ -114,14 +113,14 @@ with DAG(
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def write_champion(partition, trained, evaluation, decision, exported) -> str:
         """Record the promoted model as the champion (after its export and engine)."""
-        from operators.champion import champion_record, write_champion as write
+        from mask2former_champion import champion_record, write_champion as write
 
         context = get_current_context()
         record = champion_record(dag_id=context["dag"].dag_id, run_id=context["run_id"], partition=partition,
                                  eval_dataset=decision["eval_dataset"], value=decision["challenger"],
                                  train=trained, evaluation=evaluation, export=exported,
                                  engine=context["ti"].xcom_pull(task_ids="gen_trt_engine"))
-        uri = write(_results_root(context["params"]), record, _s3_client_factory())
+        uri = write(_results_root(context["params"]), record, _storage())
         print(f"new champion written to {uri}: mIoU {record['value']}")
         return uri
 

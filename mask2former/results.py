@@ -24,7 +24,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 PathLike = Union[str, Path]
 
@@ -117,18 +117,52 @@ class StatusWriter:
         return self.write("FAILURE", message, **extra)
 
 
-def read_status(results_dir: PathLike) -> List[Dict[str, Any]]:
-    """All status lines; a torn last line (a writer killed mid-line) is skipped."""
-    path = Path(results_dir) / STATUS_FILE
-    if not path.is_file():
-        return []
+def parse_status(data: bytes) -> Tuple[List[Dict[str, Any]], int]:
+    """The complete status lines of a status.json chunk and how many bytes they take.
+
+    The one parser of status lines: a torn last line (being written, or its writer killed mid-line) is
+    neither returned nor counted, so a reader following the file from an offset reads it once it is whole;
+    a line that is not a JSON object is skipped.
+    """
+    complete = data[: data.rfind(b"\n") + 1]
     lines = []
-    for raw in path.read_text().splitlines():
+    for raw in complete.decode("utf-8", errors="replace").splitlines():
         try:
-            lines.append(json.loads(raw))
+            line = json.loads(raw)
         except json.JSONDecodeError:
             continue
-    return lines
+        if isinstance(line, dict):
+            lines.append(line)
+    return lines, len(complete)
+
+
+def describe_status(line: Dict[str, Any]) -> str:
+    """One human-readable log line for a status line."""
+    parts = [f"[{line.get('status', '?')}] {line.get('message', '')}"]
+    if line.get("epoch") is not None:
+        parts.append(f"epoch {line['epoch']}/{line.get('max_epoch', '?')}")
+    if line.get("kpi"):
+        parts.append("kpi " + json.dumps(line["kpi"], sort_keys=True))
+    if line.get("eta"):
+        parts.append(f"eta {line['eta']}")
+    return "status.json: " + ", ".join(parts)
+
+
+def read_status(results_dir: PathLike, offset: int = 0) -> List[Dict[str, Any]]:
+    """The status lines of a job folder (from byte ``offset`` on); see :func:`parse_status`."""
+    return follow_status(Path(results_dir) / STATUS_FILE, offset)[0]
+
+
+def follow_status(path: PathLike, offset: int = 0) -> Tuple[List[Dict[str, Any]], int]:
+    """The complete lines of a status.json from byte ``offset`` on, and the offset after them."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    lines, used = parse_status(data)
+    return lines, offset + used
 
 
 def final_status(results_dir: PathLike) -> Optional[str]:

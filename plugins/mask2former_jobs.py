@@ -1,12 +1,11 @@
 """Mask2Former job folders under a results root (a local folder or S3), read for the plugin's pages.
 
 A job folder is ``<root>/<dag_id>/<run_id>/<task_id>`` (a mapped task's folder is ``<task_id>.map<N>``)
-holding status.json (JSON lines) and, when finished, metrics.json and ``_FINISHED``. Where the folders
-live is a :class:`JobStore`: :class:`LocalJobStore` (a directory) or :class:`S3JobStore` (a bucket and
-prefix, through a boto3-style client that the caller passes in). Listing, reading and serving are
-written once against that interface, so both roots behave the same, path checks included.
+holding status.json (JSON lines) and, when finished, metrics.json and ``_FINISHED``. A :class:`JobRoot` reads
+the folders of one results root (a directory or ``s3://bucket/prefix``) through the operators' storage hook,
+so both kinds of root behave the same, path checks included.
 
-Pages are plain HTML with inline SVG charts: no JavaScript, no assets. No Airflow import here.
+Pages are plain HTML with inline SVG charts: no JavaScript, no assets.
 """
 
 from __future__ import annotations
@@ -14,21 +13,21 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
+from pathlib import PurePosixPath
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 from urllib.parse import quote, urlencode
 
-from mask2former.data.sources import local_path_of, parse_s3_uri, uri_scheme
+from mask2former import results
+from mask2former.data.sources import join_uri, local_path_of, parse_s3_uri, uri_scheme
+from operators.hooks.storage import (FINISHED_MARKER, Mask2FormerStorageHook, OpenedFile, StorageError,
+                                     StorageNotFound, StoredFile)
+from operators.utils.outcome import small_metrics
 
-STATUS_FILE = "status.json"
-METRICS_FILE = "metrics.json"
-FINISHED_MARKER = "_FINISHED"
 #: Metrics shown as columns of the job list, when a job has them.
 HEADLINE_METRICS = ("mIoU", "PQ", "AP", "pixel_accuracy")
 #: Depth of job folders under the root (dag / run / task).
@@ -45,10 +44,8 @@ SERVED_SUFFIXES = tuple(SERVED_TYPES)
 MAX_GALLERY_IMAGES = 24
 #: Parallel reads of the jobs of one list page (each job is one or two GETs on S3).
 READ_WORKERS = 8
-CHUNK_BYTES = 256 * 1024
 #: What botocore accepts as a bucket name (legacy names included); anything else is a bad ``root``.
 _BUCKET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
-_MISSING_OBJECT_CODES = ("NoSuchKey", "404", "NotFound")
 
 
 class ResultsRootError(Exception):
@@ -58,34 +55,6 @@ class ResultsRootError(Exception):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    path: str  #: relative to the results root, ``/``-separated
-    size: int
-    modified: float  #: POSIX timestamp
-
-
-@dataclass
-class OpenedFile:
-    chunks: Iterator[bytes]
-    size: Optional[int]
-
-
-class JobStore(Protocol):
-    """Where job folders live. Paths are relative to the root and already checked by :func:`safe_parts`."""
-
-    location: str  #: the root as users name it (a path or ``s3://bucket/prefix``), shown in pages and errors
-
-    def list_files(self, folder: str = "", depth: Optional[int] = None) -> Iterator[StoredFile]:
-        """Files under ``folder`` ('' is the root): all of them, or only those ``depth`` levels below it."""
-
-    def exists(self, path: str) -> bool:
-        """Whether the file exists."""
-
-    def open(self, path: str) -> Optional[OpenedFile]:
-        """The file's content as chunks, or None when it does not exist."""
 
 
 # ------------------------------------------------------------------------------------ paths
@@ -111,151 +80,64 @@ def is_job_id(job: str) -> bool:
     return parts is not None and len(parts) == JOB_DEPTH
 
 
-# ------------------------------------------------------------------------------------ stores
-
-
-class LocalJobStore:
-    """Job folders in a local directory. A file reached through a link leading out of it is never read."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root.resolve()
-        self.location = str(root)
-
-    def _inside(self, path: str) -> Optional[Path]:
-        candidate = (self.root / path).resolve()
-        return candidate if self.root in candidate.parents else None
-
-    def list_files(self, folder: str = "", depth: Optional[int] = None) -> Iterator[StoredFile]:
-        base = self._inside(folder) if folder else self.root
-        if base is None or not base.is_dir():
-            return
-        paths = base.glob("/".join(["*"] * depth)) if depth else _walk_files(base)
-        for path in paths:
-            if path.is_file():
-                stat = path.stat()
-                yield StoredFile(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime)
-
-    def exists(self, path: str) -> bool:
-        target = self._inside(path)
-        return target is not None and target.is_file()
-
-    def open(self, path: str) -> Optional[OpenedFile]:
-        target = self._inside(path)
-        if target is None or not target.is_file():
-            return None
-        handle = target.open("rb")
-        return OpenedFile(_read_chunks(handle), os.fstat(handle.fileno()).st_size)
-
-
-def _walk_files(base: Path) -> Iterator[Path]:
-    for folder, _, names in os.walk(base):  # never follows links to folders (no loops)
-        for name in names:
-            yield Path(folder, name)
-
-
-def _read_chunks(handle: Any) -> Iterator[bytes]:
-    with handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            yield chunk
-
-
-class S3JobStore:
-    """Job folders under ``s3://bucket/prefix``, through a boto3-style S3 client.
-
-    Every S3 failure becomes a :class:`ResultsRootError` naming the root: 404 for a missing bucket,
-    502 otherwise (unreachable endpoint, refused credentials, ...). S3 keys are literal, so a key that
-    contains ``..`` is skipped when listing and refused by :func:`safe_parts` when asked for.
-    """
-
-    def __init__(self, bucket: str, prefix: str, client: Any) -> None:
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.client = client
-        self.location = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-
-    def _key(self, path: str) -> str:
-        return f"{self.prefix}/{path}" if self.prefix else path
-
-    def list_files(self, folder: str = "", depth: Optional[int] = None) -> Iterator[StoredFile]:
-        start = self._key(folder) + "/" if folder else (self.prefix + "/" if self.prefix else "")
-        skip = len(self.prefix) + 1 if self.prefix else 0
-        with _s3_failures(self.location, "Listing"):
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start)
-            for page in pages:
-                for item in page.get("Contents", []):
-                    path = item["Key"][skip:]
-                    below = path[len(folder) + 1:] if folder else path
-                    if safe_parts(path) is None or (depth and below.count("/") + 1 != depth):
-                        continue
-                    yield StoredFile(path, int(item.get("Size", 0)), item["LastModified"].timestamp())
-
-    def exists(self, path: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        with _s3_failures(self.location, f"Reading {path} from"):
-            try:
-                self.client.head_object(Bucket=self.bucket, Key=self._key(path))
-            except ClientError as error:
-                if _error_code(error) in _MISSING_OBJECT_CODES:
-                    return False
-                raise
-        return True
-
-    def open(self, path: str) -> Optional[OpenedFile]:
-        from botocore.exceptions import ClientError
-
-        with _s3_failures(self.location, f"Reading {path} from"):
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
-            except ClientError as error:
-                if _error_code(error) in _MISSING_OBJECT_CODES:
-                    return None
-                raise
-        return OpenedFile(response["Body"].iter_chunks(CHUNK_BYTES), response.get("ContentLength"))
-
-
-def _error_code(error: Any) -> str:
-    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+# ------------------------------------------------------------------------------------ the root
 
 
 @contextmanager
-def _s3_failures(location: str, doing: str) -> Iterator[None]:
-    """Turn botocore errors into :class:`ResultsRootError`; only error codes and class names are kept."""
-    from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as EndpointUnreachable
-
+def _root_errors(location: str) -> Iterator[None]:
+    """Storage failures as :class:`ResultsRootError` naming the root (404: its bucket does not exist; else 502)."""
     try:
         yield
-    except ClientError as error:
-        code = _error_code(error)
-        if code == "NoSuchBucket":
-            raise ResultsRootError(404, f"{doing} the results root {location} failed: the bucket does not "
-                                        "exist (NoSuchBucket).") from None
-        raise ResultsRootError(502, f"{doing} the results root {location} failed: S3 answered "
-                                    f"{code or 'an error'}.") from None
-    except EndpointUnreachable as error:
-        raise ResultsRootError(502, f"{doing} the results root {location} failed: the S3 endpoint could not be "
-                                    f"reached ({type(error).__name__}).") from None
-    except BotoCoreError as error:
-        raise ResultsRootError(502, f"{doing} the results root {location} failed: the S3 client failed "
+    except StorageNotFound as error:
+        raise ResultsRootError(404, f"Results root {location}: {error}") from None
+    except StorageError as error:
+        raise ResultsRootError(502, f"Results root {location}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - the provider failed (no connection, bad config): name it only
+        raise ResultsRootError(502, f"Cannot read the results root {location}: the S3 client could not be created "
                                     f"({type(error).__name__}).") from None
 
 
-def open_store(root: str, s3_client: Callable[[], Any]) -> JobStore:
-    """The store of a results root (path, ``file://`` or ``s3://``); ``s3_client`` is called for S3 roots only."""
+class JobRoot:
+    """The job folders under one results root, read through the storage hook. Paths are relative to the root
+    and already checked by :func:`safe_parts`; a local file reached through a link leading out of the root is
+    never read. Storage failures become :class:`ResultsRootError` naming the root."""
+
+    def __init__(self, location: str, hook: Any) -> None:
+        self.location = location
+        self.hook = hook
+
+    def _uri(self, path: str) -> str:
+        return join_uri(self.location, path) if path else self.location
+
+    def list_files(self, folder: str = "", depth: Optional[int] = None) -> Iterator[StoredFile]:
+        """Files under ``folder`` ('' is the root): all of them, or only those ``depth`` levels below it."""
+        with _root_errors(self.location):
+            for stored in self.hook.list_files(self._uri(folder), depth):
+                yield StoredFile(f"{folder}/{stored.path}" if folder else stored.path, stored.size, stored.modified)
+
+    def exists(self, path: str) -> bool:
+        with _root_errors(self.location):
+            return self.hook.exists(self._uri(path), inside=self.location)
+
+    def open(self, path: str) -> Optional[OpenedFile]:
+        with _root_errors(self.location):
+            return self.hook.open(self._uri(path), inside=self.location)
+
+
+def open_root(root: str, s3_storage: Callable[[], Any]) -> JobRoot:
+    """The job folders of a results root (path, ``file://`` or ``s3://``); ``s3_storage`` gives the storage hook
+    of S3 roots (a local root needs no connection)."""
     try:
-        if uri_scheme(root) != "s3":
-            return LocalJobStore(Path(local_path_of(root)))
-        location = parse_s3_uri(root)
+        if uri_scheme(root) == "s3":
+            bucket = parse_s3_uri(root).bucket
+            if not _BUCKET_NAME.match(bucket):
+                raise ValueError(f"{bucket!r} is not an S3 bucket name")
+        else:
+            local_path_of(root)
     except ValueError as exc:
         raise ResultsRootError(400, f"Not a results root: {exc}.") from None
-    if not _BUCKET_NAME.match(location.bucket):
-        raise ResultsRootError(400, f"Not a results root: {location.bucket!r} is not an S3 bucket name.")
-    try:
-        client = s3_client()
-    except Exception as exc:  # noqa: BLE001 - any failure of the provider: name it, keep its text out
-        raise ResultsRootError(502, f"Cannot read the results root {root}: the S3 client could not be created "
-                                    f"({type(exc).__name__}).") from None
-    return S3JobStore(location.bucket, location.key, client)
+    with _root_errors(root):
+        return JobRoot(root, s3_storage() if uri_scheme(root) == "s3" else Mask2FormerStorageHook(aws_conn_id=None))
 
 
 # ------------------------------------------------------------------------------------ jobs
@@ -291,40 +173,14 @@ class JobPage:
     limit: int
 
 
-def _read_text(store: JobStore, path: str) -> Optional[str]:
+def _read(store: JobRoot, path: str) -> bytes:
     opened = store.open(path)
-    return None if opened is None else b"".join(opened.chunks).decode("utf-8", errors="replace")
+    return b"" if opened is None else b"".join(opened.chunks)
 
 
-def _parse_lines(text: str) -> List[Dict[str, Any]]:
-    lines = []
-    for raw in text.splitlines():
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(line, dict):
-            lines.append(line)
-    return lines
-
-
-def flatten_scalars(data: Any, prefix: str = "", depth: int = 0) -> Dict[str, Any]:
-    """Numbers and strings of a metrics document under dotted keys (lists and deep tables left out)."""
-    flat: Dict[str, Any] = {}
-    if not isinstance(data, dict) or depth > 3:
-        return flat
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_scalars(value, name + ".", depth + 1))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            flat[name] = value
-    return flat
-
-
-def _parse_metrics(text: Optional[str]) -> Dict[str, Any]:
+def _parse_metrics(data: bytes) -> Dict[str, Any]:
     try:
-        return flatten_scalars(json.loads(text)) if text else {}
+        return small_metrics(json.loads(data), limit=None) if data else {}
     except json.JSONDecodeError:
         return {}
 
@@ -336,7 +192,7 @@ def headline(metrics: Dict[str, Any], name: str) -> Optional[float]:
     return hits[0] if hits else None
 
 
-def job_entries(store: JobStore) -> List[JobEntry]:
+def job_entries(store: JobRoot) -> List[JobEntry]:
     """Every job of the store (a status.json at dag/run/task depth), newest status.json first.
 
     One listing and no reads: on S3 a few ``list_objects_v2`` pages, however many jobs there are.
@@ -345,16 +201,16 @@ def job_entries(store: JobStore) -> List[JobEntry]:
     for stored in store.list_files("", depth=JOB_DEPTH + 1):
         job, name = stored.path.rsplit("/", 1)
         tops.setdefault(job, {})[name] = stored
-    entries = [JobEntry(job, files[STATUS_FILE].modified, frozenset(files))
-               for job, files in tops.items() if STATUS_FILE in files]
+    entries = [JobEntry(job, files[results.STATUS_FILE].modified, frozenset(files))
+               for job, files in tops.items() if results.STATUS_FILE in files]
     return sorted(entries, key=lambda entry: (entry.modified, entry.job_id), reverse=True)
 
 
-def read_job(store: JobStore, entry: JobEntry) -> JobSummary:
+def read_job(store: JobRoot, entry: JobEntry) -> JobSummary:
     """A job's status lines and metrics (metrics.json is read only when the listing saw it)."""
-    lines = _parse_lines(_read_text(store, f"{entry.job_id}/{STATUS_FILE}") or "")
-    metrics = _parse_metrics(_read_text(store, f"{entry.job_id}/{METRICS_FILE}")) \
-        if METRICS_FILE in entry.names else {}
+    lines, _ = results.parse_status(_read(store, f"{entry.job_id}/{results.STATUS_FILE}"))
+    metrics = _parse_metrics(_read(store, f"{entry.job_id}/{results.METRICS_FILE}")) \
+        if results.METRICS_FILE in entry.names else {}
     last = lines[-1] if lines else {}
     first_message = str(lines[0].get("message", "")) if lines else ""
     action = first_message.split(" ", 1)[0] if first_message.endswith("started") else None
@@ -364,7 +220,7 @@ def read_job(store: JobStore, entry: JobEntry) -> JobSummary:
                       finished=FINISHED_MARKER in entry.names, metrics=metrics, status_lines=lines)
 
 
-def list_jobs(store: JobStore, limit: int, offset: int = 0) -> JobPage:
+def list_jobs(store: JobRoot, limit: int, offset: int = 0) -> JobPage:
     """The jobs ``offset`` to ``offset + limit`` of the newest-first list; only those are read."""
     entries = job_entries(store)
     shown = entries[offset:offset + limit]
@@ -373,19 +229,19 @@ def list_jobs(store: JobStore, limit: int, offset: int = 0) -> JobPage:
     return JobPage(jobs=summaries, total=len(entries), offset=offset, limit=limit)
 
 
-def load_job(store: JobStore, job: str) -> Optional[Tuple[JobSummary, List[StoredFile]]]:
+def load_job(store: JobRoot, job: str) -> Optional[Tuple[JobSummary, List[StoredFile]]]:
     """A job and every file of its folder, or None (not a job id, or no status.json there)."""
     if not is_job_id(job):
         return None
     files = sorted(store.list_files(job), key=lambda stored: stored.path)
     tops = {f.path[len(job) + 1:]: f for f in files if f.path.count("/") == JOB_DEPTH}
-    if STATUS_FILE not in tops:
+    if results.STATUS_FILE not in tops:
         return None
-    entry = JobEntry(job, tops[STATUS_FILE].modified, frozenset(tops))
+    entry = JobEntry(job, tops[results.STATUS_FILE].modified, frozenset(tops))
     return read_job(store, entry), files
 
 
-def open_served_file(store: JobStore, path: str) -> Optional[Tuple[OpenedFile, str]]:
+def open_served_file(store: JobRoot, path: str) -> Optional[Tuple[OpenedFile, str]]:
     """A file of a job folder that the pages may serve, with its content type, or None.
 
     Only files inside a job folder (one holding status.json) with a served suffix: with a per-run S3
@@ -395,7 +251,7 @@ def open_served_file(store: JobStore, path: str) -> Optional[Tuple[OpenedFile, s
     if parts is None or len(parts) <= JOB_DEPTH:
         return None
     media_type = SERVED_TYPES.get(PurePosixPath(path).suffix.lower())
-    if media_type is None or not store.exists("/".join(parts[:JOB_DEPTH] + [STATUS_FILE])):
+    if media_type is None or not store.exists("/".join(parts[:JOB_DEPTH] + [results.STATUS_FILE])):
         return None
     opened = store.open(path)
     return None if opened is None else (opened, media_type)

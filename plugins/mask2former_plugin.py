@@ -10,8 +10,8 @@
 The results root is the Variable ``mask2former_results_root``, else env ``MASK2FORMER_RESULTS_ROOT``, else
 ``$AIRFLOW_HOME/mask2former/results`` (the operators' default). Every route also takes ``root``: the root
 of a run triggered with its own ``results_root`` (the extra link of such a task carries it); see
-:func:`browsed_root` for which roots are accepted. S3 is read with the Amazon provider's client of the
-``aws_default`` connection, the one the operators publish with.
+:func:`browsed_root` for which roots are accepted. Job folders are read through the operators' storage hook
+of the ``aws_default`` connection, the one the operators publish with.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 import mask2former_jobs as jobs
 from mask2former.data.sources import local_path_of, uri_scheme
-from operators.jobs import RESULTS_ROOT_VARIABLE, results_root_or_default
-from operators.links import PLUGIN_URL_PREFIX, Mask2FormerJobLink
+from operators.hooks.storage import Mask2FormerStorageHook
+from operators.links.job import PLUGIN_URL_PREFIX, Mask2FormerJobLink
+from operators.utils.jobs import RESULTS_ROOT_VARIABLE, results_root_or_default
 
 AWS_CONN_ID = "aws_default"
 DEFAULT_LIMIT = 100
@@ -94,30 +95,27 @@ def _same_root(one: str, other: str) -> bool:
         return False
 
 
-_client_lock = threading.Lock()
-_cached_client: Dict[str, Any] = {}  # {"fingerprint": digest of the connection's URI, "client": its S3 client}
+_hook_lock = threading.Lock()
+_cached_hook: Dict[str, Any] = {}  # {"fingerprint": digest of the connection's URI, "hook": its storage hook}
 
 
-def s3_client() -> Any:
-    """The S3 client of the ``aws_default`` connection (the Amazon provider, imported on first use).
+def storage() -> Mask2FormerStorageHook:
+    """The storage hook of the ``aws_default`` connection.
 
-    Creating a client costs about 120 ms, more than the S3 reads of a page, and a job page makes one request
-    per image, so the client is kept while the connection stays the same: the connection itself is looked
-    up on every request (under a millisecond), and a changed endpoint or key gets a new client. Only a
-    digest of the connection's URI is kept, never the URI (it holds the secret key).
+    Its S3 client costs about 120 ms to create, more than the S3 reads of a page, and a job page makes one
+    request per image, so the hook (and its client) is kept while the connection stays the same: the
+    connection itself is looked up on every request (under a millisecond), and a changed endpoint or key
+    gets a new hook. Only a digest of the connection's URI is kept, never the URI (it holds the secret key).
     """
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    hook = S3Hook(aws_conn_id=AWS_CONN_ID)
-    fingerprint = hashlib.sha256(hook.get_connection(AWS_CONN_ID).get_uri().encode()).hexdigest()
-    with _client_lock:
-        if _cached_client.get("fingerprint") != fingerprint:
-            _cached_client.update(fingerprint=fingerprint, client=hook.get_conn())
-        return _cached_client["client"]
+    fingerprint = hashlib.sha256(Mask2FormerStorageHook.get_connection(AWS_CONN_ID).get_uri().encode()).hexdigest()
+    with _hook_lock:
+        if _cached_hook.get("fingerprint") != fingerprint:
+            _cached_hook.update(fingerprint=fingerprint, hook=Mask2FormerStorageHook(aws_conn_id=AWS_CONN_ID))
+        return _cached_hook["hook"]
 
 
-def open_root(requested: Optional[str]) -> jobs.JobStore:
-    return jobs.open_store(browsed_root(requested), s3_client)
+def open_root(requested: Optional[str]) -> jobs.JobRoot:
+    return jobs.open_root(browsed_root(requested), storage)
 
 
 def root_params(requested: Optional[str]) -> Dict[str, str]:

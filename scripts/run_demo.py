@@ -118,7 +118,7 @@ def summarise(dag_run) -> int:
             if metrics:
                 print(f"      metrics: {json.dumps(metrics)}")
         if task_id == "gen_trt_engine" and "skipped" in state.lower():
-            from operators.gpu import cuda_gpu_missing_reason
+            from operators.utils.gpu import cuda_gpu_missing_reason
 
             reason = cuda_gpu_missing_reason()
             if reason:
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
 
     dag_run = dag.test(run_conf=run_conf(args, data, dag.params))
     failed = summarise(dag_run)
-    from operators.jobs import sanitize
+    from operators.utils.jobs import sanitize
 
     folder = Path(env["MASK2FORMER_RESULTS_ROOT"]) / DAG_ID / sanitize(dag_run.run_id)
     step(f"done in {time.monotonic() - began:.0f} s. Results: {folder}/<task>/ (metrics.json, status.json, "

@@ -121,19 +121,31 @@ def test_quotas_split_the_budget_exactly():
             assert sum(shares) == trials and max(shares) - min(shares) <= 1
 
 
-def test_a_retried_slot_fails_its_stale_trial_and_runs_only_the_rest(tmp_path, stand_in):
-    plan = plan_in(tmp_path, trials=3, epochs=1)
+def test_a_retried_slot_reruns_the_trial_its_killed_attempt_left_and_only_the_rest(tmp_path, stand_in,
+                                                                                   monkeypatch):
+    from mask2former.automl import search, study as study_lib
+
+    monkeypatch.setattr(study_lib, "HEARTBEAT_GRACE_S", 1)
+    monkeypatch.setattr(search, "HEARTBEAT_GRACE_S", 1)
+    plan = plan_in(tmp_path, trials=3, epochs=1, study_name="retried-slot")
     study = open_plan_study(plan)
     finished = study.ask()
     finished.set_user_attr("slot", 0)
     study.tell(finished, 12.0)
-    stale = study.ask()  # the earlier attempt died while this trial ran
-    stale.set_user_attr("slot", 0)
+    storage = study_lib.open_storage(plan.storage_url)
+    orphan = study.ask()  # the earlier attempt was killed while this trial ran: its heartbeat stops
+    orphan.set_user_attr("slot", 0)
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(plan.study_name), orphan.number))
+    time.sleep(2.5)
     outcomes = run_worker(plan, 0, runner=runner_for(stand_in), log=lambda _: None)
     assert len(outcomes) == 2
-    states = {t.number: t.state for t in open_plan_study(plan).trials}
-    assert states[stale.number] == optuna.trial.TrialState.FAIL
-    assert sum(1 for s in states.values() if s == optuna.trial.TrialState.COMPLETE) == 3
+    trials = {t.number: t for t in open_plan_study(plan).trials}
+    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL  # failed by Optuna's heartbeat check
+    retry = next(t for t in trials.values() if t.system_attrs.get("failed_trial") == orphan.number)
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.number in [o.number for o in outcomes]
+    assert sum(1 for t in trials.values() if t.state == optuna.trial.TrialState.COMPLETE) == 3
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials.values())
 
 
 def run_parallel_workers(plan, stand_in, storage_url=None):

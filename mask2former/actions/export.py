@@ -30,7 +30,7 @@ from ..export.simplify import SimplifyResult, simplify_onnx
 from ..runtime.inference_model import InferenceModel
 from ..runtime.onnx_runner import OnnxRunner
 from .job import ActionError, ActionResult, Job
-from .model_keys import resolve_model_file
+from ..model_files import resolve_model_file
 from .resource_failures import reports_resource_failures
 
 REPORT_FILE = "export_report.json"

@@ -28,7 +28,7 @@ from ..runtime.tensorrt_runner import TensorRTRunner
 from ..tensorrt.builder import EngineBuildError, build_engine, require_tensorrt
 from ..tensorrt.plan import BuildPlan, PlanError, make_build_plan
 from .job import ActionError, ActionResult, Job
-from .model_keys import require_model_key, resolve_model_file
+from ..model_files import require_model_key, resolve_model_file
 from .resource_failures import reports_resource_failures
 
 REPORT_FILE = "engine_report.json"

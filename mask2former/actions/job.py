@@ -7,14 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ..errors import ActionError
 from ..results import StatusWriter
 
-
-class ActionError(RuntimeError):
-    """A failure the user can act on (a missing file, bad data, a device that is absent).
-
-    The CLI writes its message to status.json as FAILURE and prints it without a traceback.
-    """
+__all__ = ["ActionError", "ActionResult", "Job"]
 
 
 @dataclass

@@ -51,7 +51,7 @@ from ..runtime.inference_model import InferenceModel
 from ..runtime.onnx_runner import OnnxRunner
 from ..runtime.torch_runner import TorchRunner
 from .job import ActionError, ActionResult, Job
-from .model_keys import require_model_key, resolve_model_file
+from ..model_files import require_model_key, resolve_model_file
 from .resource_failures import reports_resource_failures
 
 REPORT_FILE = "quantize_report.json"

@@ -12,7 +12,8 @@ The search folder::
 Workers share the budget by slot: worker ``slot`` of ``workers`` runs a fixed quota of the
 ``max_recommendations`` trials (the first ``max_recommendations % workers`` slots take one more), so
 no two workers race for the last trial and a retried worker only runs the part of its quota that is
-not finished (its trials left RUNNING by the earlier attempt are told FAIL first).
+not finished. A trial left RUNNING by a worker that died stops beating (Optuna's heartbeat): it is failed
+once stale and queued again once (:mod:`.study`); its retry counts in the quota, the orphan does not.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from mask2former import results
 from mask2former.config import SpecError, load_spec, resolve_spec_dict, spec_to_dict
@@ -35,7 +38,8 @@ from mask2former.data.sources import join_uri
 
 from . import policy as automl_policy
 from .search_space import SearchSpace, SearchSpaceError, build_search_space, flatten
-from .study import MONITOR_METRIC, check_algorithm, create_study, load_study, redact_url, retrying, sqlite_url
+from .study import (HEARTBEAT_GRACE_S, HEARTBEAT_INTERVAL_S, MONITOR_METRIC, check_algorithm, create_study, heartbeat_calls,
+                    load_study, open_storage, redact_url, retrying, sqlite_url)
 from .summary import best_trial_record, trial_rows, write_summary
 from .trial import TrialOutcome, TrialRunner, tell
 
@@ -191,9 +195,12 @@ def open_plan_study(plan: SearchPlan, *, storage_url: Optional[str] = None, slot
                       reduction_factor=settings.reduction_factor)
 
 
+def _trials(study: optuna.Study) -> List[optuna.trial.FrozenTrial]:
+    return retrying(lambda: study.get_trials(deepcopy=False), what="list trials")
+
+
 def _slot_trials(study: optuna.Study, slot: int) -> List[optuna.trial.FrozenTrial]:
-    return [t for t in retrying(lambda: study.get_trials(deepcopy=False), what="list trials")
-            if t.user_attrs.get("slot") == slot]
+    return [t for t in _trials(study) if t.user_attrs.get("slot") == slot]
 
 
 def run_worker(plan: SearchPlan, slot: int, *, storage_url: Optional[str] = None, stage: Optional[Stage] = None,
@@ -208,13 +215,12 @@ def run_worker(plan: SearchPlan, slot: int, *, storage_url: Optional[str] = None
     """
     settings = plan.search_settings
     study = open_plan_study(plan, storage_url=storage_url, slot=slot)
+    storage = open_storage(storage_url or plan.storage_url)  # the study's own (one per process and URL)
     runner = runner or TrialRunner(log=log)
-    mine = _slot_trials(study, slot)
-    for stale in [t for t in mine if t.state == optuna.trial.TrialState.RUNNING]:
-        log(f"trial {stale.number} of slot {slot} was left running by an earlier attempt: recorded FAIL")
-        retrying(lambda: study.tell(stale.number, state=optuna.trial.TrialState.FAIL), what="fail a stale trial")
-    remaining = quota(slot, settings.workers, settings.max_recommendations) - sum(
-        1 for t in mine if t.state != optuna.trial.TrialState.RUNNING)
+    with heartbeat_calls():
+        retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in _trials(study)}
+    done = [t for t in _slot_trials(study, slot) if t.state.is_finished() and t.number not in retried]
+    remaining = quota(slot, settings.workers, settings.max_recommendations) - len(done)
     if remaining <= 0:
         log(f"slot {slot}: its quota is already done")
         return []
@@ -226,12 +232,17 @@ def run_worker(plan: SearchPlan, slot: int, *, storage_url: Optional[str] = None
     for _ in range(remaining):
         if runner.killed:
             break
-        trial = retrying(study.ask, what="start a trial", log=log)
+        with heartbeat_calls():
+            retrying(lambda: optuna.storages.fail_stale_trials(study), what="fail trials whose worker died", log=log)
+            trial = retrying(study.ask, what="start a trial", log=log)  # a retried (WAITING) trial comes first
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(plan.study_name),
+                                                                   trial.number)
+        storage.record_heartbeat(trial_id)  # from its first moment, so a worker killed now leaves no orphan
         retrying(lambda: trial.set_user_attr("slot", slot), what="record the trial's slot")
         folder = trial_dir(Path(plan.search_dir), trial.number)
         record = join_uri(publish_root, f"{TRIALS_DIR}/{folder.name}") if publish_root else str(folder)
         outcome = run_one(plan, study, trial, space=space, staged=staged, base_values=base_values, runner=runner,
-                          record=record, log=log)
+                          record=record, log=log, heartbeat=lambda: storage.record_heartbeat(trial_id))
         if publish is not None and publish_root:
             publish(folder, record)
         outcome.results_dir = record
@@ -244,7 +255,7 @@ def run_worker(plan: SearchPlan, slot: int, *, storage_url: Optional[str] = None
 
 def run_one(plan: SearchPlan, study: optuna.Study, trial: optuna.Trial, *, space: SearchSpace,
             staged: Mapping[str, Any], base_values: Mapping[str, Any], runner: TrialRunner, record: str,
-            log: Log) -> TrialOutcome:
+            log: Log, heartbeat: Optional[Callable[[], None]] = None) -> TrialOutcome:
     """Sample, validate and train one trial; a sample the spec refuses is told FAIL with the loader's message.
 
     ``record`` is where the trial's folder is published (its ``results_dir`` in the study).
@@ -263,7 +274,7 @@ def run_one(plan: SearchPlan, study: optuna.Study, trial: optuna.Trial, *, space
     tree = spec_to_dict("train", config)
     tree["results_dir"] = str(folder)
     log(f"trial {trial.number}: " + ", ".join(f"{k}={_short(v)}" for k, v in sampled.items()))
-    return runner.run(study, trial, spec_tree=tree, trial_dir=folder, overrides=sampled)
+    return runner.run(study, trial, spec_tree=tree, trial_dir=folder, overrides=sampled, heartbeat=heartbeat)
 
 
 def _short(value: Any) -> str:
@@ -280,19 +291,32 @@ class SearchResult:
     counts: Dict[str, int]
 
 
+def close_orphans(study: optuna.Study, log: Log) -> List[optuna.trial.FrozenTrial]:
+    """The study's trials once none is RUNNING: every worker has ended, so a RUNNING trial lost its worker;
+    Optuna fails it when its heartbeat is stale (waited for, at most the grace period and two beats)."""
+    deadline = time.monotonic() + HEARTBEAT_GRACE_S + 2 * HEARTBEAT_INTERVAL_S
+    while True:
+        with heartbeat_calls():
+            retrying(lambda: optuna.storages.fail_stale_trials(study), what="fail trials whose worker died", log=log)
+        trials = _trials(study)
+        running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        if not running or time.monotonic() > deadline:
+            break
+        log(f"trial(s) {running} still RUNNING without a worker: waiting for their heartbeat to go stale")
+        time.sleep(HEARTBEAT_INTERVAL_S / 2)
+    return trials
+
+
 def finish_search(plan: SearchPlan, *, storage_url: Optional[str] = None, cleanup_non_best: bool = False,
                   remove_checkpoints: Optional[Callable[[str], int]] = None, log: Log = print) -> SearchResult:
-    """Close trials left RUNNING, write the summary, choose the best COMPLETE trial by mIoU, clean up.
+    """Close trials left RUNNING (:func:`close_orphans`), write the summary, choose the best COMPLETE trial by
+    mIoU, clean up.
 
     ``cleanup_non_best`` deletes the ``.pth`` files of every other trial through ``remove_checkpoints``
     (results_dir -> number of files removed; default: local folders).
     """
     study = open_plan_study(plan, storage_url=storage_url)
-    for trial in retrying(lambda: study.get_trials(deepcopy=False), what="list trials"):
-        if trial.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING):
-            log(f"trial {trial.number} never finished (its worker ended): recorded FAIL")
-            retrying(lambda: study.tell(trial.number, state=optuna.trial.TrialState.FAIL), what="fail a trial")
-    trials = retrying(lambda: study.get_trials(deepcopy=False), what="list trials")
+    trials = close_orphans(study, log)
     rows = trial_rows(trials)
     search_dir = Path(plan.search_dir)
     files = write_summary(rows, search_dir, metric=MONITOR_METRIC)

@@ -7,16 +7,23 @@
 * Storage: SQLite in the search folder on one machine (WAL journal and a long busy timeout, so
   parallel workers wait for the lock instead of failing, plus retries around each study call),
   PostgreSQL (or any SQLAlchemy URL) when workers run on several machines.
+* Optuna's heartbeat: a running trial beats every ``HEARTBEAT_INTERVAL_S``; one silent for
+  ``HEARTBEAT_GRACE_S`` (its worker was killed) is failed by the next :func:`optuna.storages.fail_stale_trials`
+  and queued again once (``RetryHeartbeatStaleTrialCallback``, formerly ``RetryFailedTrialCallback``), so no
+  trial stays RUNNING without an owner.
 
 The monitoring metric is mIoU, maximised.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sqlite3
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
@@ -31,6 +38,11 @@ SQLITE_FILE = "study.db"
 SQLITE_BUSY_TIMEOUT_S = 120
 #: Attempts of one study call when the database is busy or a connection dropped.
 STORAGE_ATTEMPTS = 8
+#: Seconds between a running trial's heartbeats, and of silence after which its trial counts as orphaned.
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 60
+#: Times a trial whose worker died is run again.
+STALE_TRIAL_RETRIES = 1
 
 T = TypeVar("T")
 
@@ -87,8 +99,20 @@ def _prepare_sqlite(url: str) -> None:
         connection.close()
 
 
+@contextlib.contextmanager
+def heartbeat_calls() -> Iterator[None]:
+    """Optuna's heartbeat with ask/tell: the trial runner records the beats (Optuna's own thread lives in
+    ``Study.optimize``, hence its warning on ``ask``), and the heartbeat API is marked experimental."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+@functools.lru_cache(maxsize=None)
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage for ``url`` (``sqlite:///abs/path.db``, ``postgresql+psycopg2://user@host/db``, ...)."""
+    """The RDB storage for ``url`` (``sqlite:///abs/path.db``, ``postgresql+psycopg2://user@host/db``, ...), one per
+    process, with Optuna's heartbeat and the retry of trials whose worker died."""
     if url.startswith("sqlite:///"):
         _prepare_sqlite(url)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
@@ -96,8 +120,11 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         raise AutoMLConfigError(f"study storage {url!r}: use an absolute SQLite file, sqlite:////abs/path/study.db.")
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    return retrying(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs),
-                    what=f"open the study storage {redact_url(url)}")
+    with heartbeat_calls():
+        return retrying(lambda: optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=HEARTBEAT_GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=STALE_TRIAL_RETRIES)), what=f"open the study storage {redact_url(url)}")
 
 
 def _transient(error: BaseException) -> bool:
@@ -152,5 +179,6 @@ def load_study(*, study_name: str, storage_url: str, algorithm: str, seed: Optio
                                 "step creates it.") from None
 
 
-__all__ = ["ALGORITHMS", "DIRECTION", "MONITOR_METRIC", "check_algorithm", "create_study", "load_study",
-           "make_pruner", "make_sampler", "open_storage", "redact_url", "retrying", "sqlite_url"]
+__all__ = ["ALGORITHMS", "DIRECTION", "HEARTBEAT_GRACE_S", "HEARTBEAT_INTERVAL_S", "MONITOR_METRIC",
+           "check_algorithm", "create_study", "load_study", "make_pruner", "make_sampler", "open_storage",
+           "redact_url", "retrying", "sqlite_url"]

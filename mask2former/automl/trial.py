@@ -12,7 +12,6 @@ downstream actions take by default).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import yaml
 from mask2former import results
 from mask2former.processes import terminate_process_group
 
-from .study import MONITOR_METRIC, retrying
+from .study import HEARTBEAT_INTERVAL_S, MONITOR_METRIC, retrying
 
 SPEC_FILE = "spec.yaml"
 LOG_FILE = "train.log"
@@ -52,30 +51,6 @@ class TrialOutcome:
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-class StatusTail:
-    """New complete lines of a status.json, read incrementally (a torn last line waits for its end)."""
-
-    def __init__(self, results_dir: Path):
-        self.path = Path(results_dir) / results.STATUS_FILE
-        self._offset = self.path.stat().st_size if self.path.is_file() else 0
-
-    def read_new(self) -> List[Dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, "rb") as fh:
-            fh.seek(self._offset)
-            chunk = fh.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self._offset += len(complete)
-        lines = []
-        for raw in complete.decode(errors="replace").splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
-                continue
-        return lines
 
 
 def validation_point(line: Mapping[str, Any], metric: str = MONITOR_METRIC) -> Optional[Tuple[int, float]]:
@@ -142,14 +117,17 @@ class TrialRunner:
             terminate_process_group(self._process, self.kill_grace_s)
 
     def run(self, study: optuna.Study, trial: optuna.Trial, *, spec_tree: Mapping[str, Any], trial_dir: Path,
-            overrides: Mapping[str, Any]) -> TrialOutcome:
-        """Train ``spec_tree`` in ``trial_dir``, report each validation, and tell the study how it ended."""
+            overrides: Mapping[str, Any], heartbeat: Optional[Callable[[], None]] = None) -> TrialOutcome:
+        """Train ``spec_tree`` in ``trial_dir``, report each validation, and tell the study how it ended.
+        ``heartbeat`` records that the trial is alive (Optuna's heartbeat), every ``HEARTBEAT_INTERVAL_S``."""
         trial_dir = Path(trial_dir)
         trial_dir.mkdir(parents=True, exist_ok=True)
         results.atomic_write_text(trial_dir / SPEC_FILE, yaml.safe_dump(dict(spec_tree), sort_keys=False))
         began = time.monotonic()
         history: List[Tuple[int, float]] = []
-        tail = StatusTail(trial_dir)
+        status = trial_dir / results.STATUS_FILE
+        offset = status.stat().st_size if status.is_file() else 0  # a retried trial's earlier lines are not its own
+        beaten = float("-inf")
         pruned_at: Optional[Tuple[int, float]] = None
         max_epochs = int(spec_tree["train"]["num_epochs"])  # a trial that trained its last epoch is never pruned
         with open(trial_dir / LOG_FILE, "ab") as log_file:
@@ -159,7 +137,11 @@ class TrialRunner:
             self.log(f"trial {trial.number}: training in {trial_dir} (pid {self._process.pid}, log {LOG_FILE})")
             while True:
                 returncode = self._process.poll()
-                for line in tail.read_new():
+                if heartbeat is not None and time.monotonic() - beaten >= HEARTBEAT_INTERVAL_S:
+                    retrying(heartbeat, what=f"record trial {trial.number}'s heartbeat")
+                    beaten = time.monotonic()
+                lines, offset = results.follow_status(status, offset)
+                for line in lines:
                     point = validation_point(line)
                     if point is None or (history and point[0] <= history[-1][0]):
                         continue
@@ -215,5 +197,5 @@ def tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> Non
     retrying(lambda: study.tell(trial, values, state=state), what=f"finish trial {trial.number}")
 
 
-__all__ = ["LOG_FILE", "SPEC_FILE", "StatusTail", "TrialOutcome", "TrialRunner", "tell", "train_command",
+__all__ = ["LOG_FILE", "SPEC_FILE", "TrialOutcome", "TrialRunner", "tell", "train_command",
            "trial_value", "validation_point"]

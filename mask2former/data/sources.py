@@ -3,7 +3,7 @@
 A job names one training dataset root and optionally one evaluation dataset root (``s3://bucket/prefix``,
 ``file:///path`` or a plain path) plus a format (``coco`` or ``coco_panoptic``).
 :func:`plan_data_sources` turns them into the flat dotted overrides of the spec (``dataset.train.img_dir``
-etc.) that the action needs; staging (:mod:`mask2former.data.staging`) later makes every URI local.
+etc.) that the action needs; the Airflow side's storage hook later makes every URI local (staging).
 
 No torch import here: the Airflow layer imports this module at DAG-parse time.
 """
@@ -24,7 +24,7 @@ __all__ = [
     "local_path_of",
     "parse_s3_uri",
     "plan_data_sources",
-    "source_exists_checker",
+    "local_source_exists",
     "uri_scheme",
 ]
 
@@ -106,30 +106,12 @@ def join_uri(root: str, name: str) -> str:
     return os.path.join(root, name)
 
 
-def source_exists_checker(s3_client_factory: Callable[[], object] | None = None) -> Callable[[str], bool]:
-    """A callable telling whether a source exists: local paths by ``os.path.exists``, S3 by ``head_object``.
-
-    The S3 client is created on the first S3 question, through ``s3_client_factory`` (default: boto3 with
-    the standard environment). A 404 means "does not exist"; any other S3 error (403, no credentials,
-    unreachable endpoint) is raised, naming the URI, because it cannot tell.
-    """
-    clients: list[object] = []
-
-    def exists(uri: str) -> bool:
-        if uri_scheme(uri) != "s3":
-            return os.path.exists(local_path_of(uri))
-        if not clients:
-            if s3_client_factory is None:
-                from .staging import default_s3_client_factory
-
-                clients.append(default_s3_client_factory())
-            else:
-                clients.append(s3_client_factory())
-        from .staging import head_s3_object
-
-        return head_s3_object(clients[0], parse_s3_uri(uri)) is not None
-
-    return exists
+def local_source_exists(uri: str) -> bool:
+    """Whether a local (plain path or ``file://``) source exists; an ``s3://`` source needs a storage client,
+    so callers that plan S3 roots pass their own ``exists`` (the Airflow side: its storage hook)."""
+    if uri_scheme(uri) == "s3":
+        raise ValueError(f"{uri}: planning S3 sources needs an exists() that can ask S3")
+    return os.path.exists(local_path_of(uri))
 
 
 def _single_train_root(train_datasets: str | Sequence[str] | None, *, action: str) -> str:
@@ -168,7 +150,7 @@ def plan_data_sources(
     train/evaluate/inference/quantize get ``dataset.train.*`` and ``dataset.label_map`` from the training
     root and, when ``eval_dataset`` is given, ``dataset.val.*`` and ``dataset.test.img_dir`` from it;
     quantize adds ``dataset.quant_calibration_dataset.images_dir``; export and gen_trt_engine get ``{}``.
-    A file for which ``exists`` returns False is left out (default: :func:`source_exists_checker`); the
+    A file for which ``exists`` returns False is left out (default: :func:`local_source_exists`); the
     action that needs it fails later, naming it.
     """
     if action not in ACTIONS:
@@ -194,7 +176,7 @@ def plan_data_sources(
     if action == "quantize":
         files["dataset.quant_calibration_dataset.images_dir"] = join_uri(train_root, IMAGES_ARCHIVE)
 
-    check = exists if exists is not None else source_exists_checker()
+    check = exists if exists is not None else local_source_exists
     answers: dict[str, bool] = {}
     overrides: dict[str, str] = {"dataset.train.type": dataset_format}
     if eval_dataset is not None:

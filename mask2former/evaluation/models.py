@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from ..actions.job import ActionError
-from ..actions.model_keys import require_model_key, resolve_model_file
+from ..errors import ActionError
+from ..model_files import require_model_key, resolve_model_file
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..data.label_map import LabelEntry, LabelMap, default_color
 from ..runtime import load_runner, runner_kind_for, select_device

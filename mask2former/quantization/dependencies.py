@@ -6,7 +6,7 @@ import importlib
 import warnings
 from typing import Any
 
-from ..actions.job import ActionError
+from ..errors import ActionError
 
 _SOURCES = {
     "torchao": ("torchao.quantization", "the torchao package (requirements.txt)"),

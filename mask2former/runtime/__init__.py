@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple, Uni
 
 import torch
 
-from ..actions.job import ActionError
+from ..errors import ActionError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..actions.job import ActionError
+from ..errors import ActionError
 from ..checkpoint import CheckpointError, read_model_bytes
 from ..export.metadata import ModelRecord
 from .inference_model import MODES, output_names

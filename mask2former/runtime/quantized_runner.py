@@ -9,7 +9,7 @@ from typing import Any, Union
 
 import torch
 
-from ..actions.job import ActionError
+from ..errors import ActionError
 from ..checkpoint import CheckpointError
 from .onnx_runner import OnnxRunner
 from .torch_runner import TorchRunner

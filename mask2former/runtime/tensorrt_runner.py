@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from .. import crypto
-from ..actions.job import ActionError
+from ..errors import ActionError
 from .inference_model import output_names
 from .onnx_runner import INTEGER_OUTPUTS, mode_of_outputs
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, build_model_from_checkpoint
 from ..config.model import ModelConfig
-from ..actions.job import ActionError
+from ..errors import ActionError
 from .inference_model import InferenceModel
 
 

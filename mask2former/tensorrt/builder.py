@@ -55,7 +55,7 @@ def require_tensorrt(*, what: str = "gen_trt_engine") -> Any:
     sentence otherwise (before anything is read or parsed)."""
     import torch
 
-    from ..actions.job import ActionError
+    from ..errors import ActionError
 
     if not torch.cuda.is_available():
         raise ActionError(NEEDS_GPU.replace("gen_trt_engine", what))

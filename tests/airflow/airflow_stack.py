@@ -36,8 +36,10 @@ class AirflowStack:
     """Airflow processes sharing one AIRFLOW_HOME and metadata database."""
 
     def __init__(self, home: Path, *, sql_alchemy_conn: Optional[str] = None, executor: str = "LocalExecutor",
-                 extra_env: Optional[Dict[str, str]] = None, celery_queues: Optional[str] = None):
+                 extra_env: Optional[Dict[str, str]] = None, celery_queues: Optional[str] = None,
+                 triggerer: bool = False):
         self.home = home
+        self.with_triggerer = triggerer
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.celery_queues = celery_queues
@@ -110,8 +112,25 @@ class AirflowStack:
         self._spawn("dag-processor", "dag-processor")
         if self.celery_queues:
             self._spawn("celery-worker", "celery", "worker", "--queues", self.celery_queues, "--concurrency", "2")
+        if self.with_triggerer:
+            self._spawn("triggerer", "triggerer")
         self.wait_healthy(timeout)
         return self
+
+    def kill(self, *names: str) -> None:
+        """SIGKILL processes (and their process groups: a LocalExecutor's task processes die with the scheduler),
+        as a crashed machine or a deploy would."""
+        for name in names:
+            os.killpg(self.processes[name].pid, signal.SIGKILL)
+            self.processes[name].wait(timeout=30)
+
+    def restart(self, *names: str) -> None:
+        """Start killed processes again (their logs continue in <name>.out)."""
+        for name in names:
+            args = {"scheduler": ("scheduler",), "triggerer": ("triggerer",), "dag-processor": ("dag-processor",)}[name]
+            log = open(self.home / f"{name}.out", "a")
+            self.processes[name] = subprocess.Popen([str(VENV_BIN / "airflow"), *args], env=self.env, stdout=log,
+                                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -236,7 +255,8 @@ class AirflowStack:
         return reply.json()["extra_links"]
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-        """The task's log file (LocalExecutor/Celery on this machine write them under AIRFLOW_HOME/logs)."""
+        """The task's log files (LocalExecutor/Celery on this machine write them under AIRFLOW_HOME/logs), with the
+        triggerer's part of a deferred task (``attempt=N.log.trigger.<triggerer id>.log``)."""
         found = sorted((self.home / "logs").glob(f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/"
-                                                 f"attempt={try_number}.log"))
+                                                 f"attempt={try_number}.log*"))
         return "\n".join(p.read_text(errors="replace") for p in found)

@@ -115,7 +115,7 @@ def test_bad_literal_override_is_an_import_error_naming_the_key(tmp_path):
     (tmp_path / "bad_dag.py").write_text(textwrap.dedent("""
         import pendulum
         from airflow.sdk import DAG
-        from operators.mask2former_operators import Mask2FormerTrainOperator
+        from operators import Mask2FormerTrainOperator
 
         with DAG(dag_id="bad_override", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")):
             Mask2FormerTrainOperator(task_id="train", spec_overrides={"train.optim.lrr": 0.1})

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from airflow_stack import AirflowStack
-from operators.jobs import job_id
+from operators.utils.jobs import job_id
 from helpers import make_dataset, tiny_overrides, upload_tree
 from s3_server import moto_endpoint, moto_server, new_bucket, s3_client  # noqa: F401 - pytest fixtures
 from test_automl_pipeline import FIXED_SIZES, SMALL_SPACE  # the search space the tiny model can afford
@@ -184,7 +184,7 @@ def test_killed_training_fails_its_try_and_the_retry_resumes(stack, pipeline_run
     train = stack.task_instances(PIPELINE, run_id)[TRAIN_TASK]
     assert train["try_number"] == 2 and train["state"] == "success"
     first = stack.task_log(PIPELINE, run_id, TRAIN_TASK, 1)
-    assert "failed with exit status -9 (killed by signal 9)" in first
+    assert "the engine was killed by signal 9 (SIGKILL) before writing its final status" in first
     status = stack.home / "work" / job_id(PIPELINE, run_id, TRAIN_TASK) / "status.json"
     lines = [json.loads(line) for line in status.read_text().splitlines()]
     messages = [line.get("message", "") for line in lines]

@@ -18,10 +18,12 @@ from airflow.sdk.exceptions import AirflowFailException
 from helpers import fake_context, make_dataset, tiny_overrides
 from mask2former import crypto
 from mask2former.config import SpecError
-from operators import jobs, overrides
-from operators.encryption import KEY_ENV, EncryptionKeySource
-from operators.launchers import JobRequest, KubernetesPodLauncher, LocalProcessLauncher, engine_env
-from operators.mask2former_operators import Mask2FormerEvaluateOperator, Mask2FormerExportOperator
+from operators import KubernetesPodLauncher, Mask2FormerStorageHook
+from operators.launchers import job_process_env
+from operators.operators.actions import Mask2FormerEvaluateOperator, Mask2FormerExportOperator
+from operators.pod_job import JobProcess
+from operators.utils import jobs, overrides
+from operators.utils.encryption import KEY_ENV, EncryptionKeySource
 
 KEY = "af-Key:3kd8-Qx!ridge-lantern-71"
 WORKER_KEY = "worker-env-key-never-used-0042"  # a key already in the worker's environment must not reach a job
@@ -74,7 +76,7 @@ import json
 
 from airflow.sdk import DAG
 
-from operators.mask2former_operators import Mask2FormerEvaluateOperator
+from operators import Mask2FormerEvaluateOperator
 
 with DAG({dag_id!r}, schedule=None, catchup=False):
     Mask2FormerEvaluateOperator(task_id="evaluate", spec_overrides=json.loads({overrides!r}),
@@ -121,9 +123,8 @@ def test_key_from_a_connection_reaches_the_engine_only_through_its_environment(
     assert redact(f"model key {KEY} here") == "model key *** here"  # any log line that would show it is masked
 
 
-def test_the_subprocess_gets_the_key_in_its_environment_and_nowhere_else(tmp_path, encrypted_checkpoint,
-                                                                         monkeypatch):
-    """A stand-in interpreter (a shell script, not Python) records what the launcher hands the engine."""
+def test_the_engine_gets_the_key_in_its_environment_and_nowhere_else(tmp_path, encrypted_checkpoint, monkeypatch):
+    """A stand-in interpreter (a shell script, not Python) records what the job process hands the engine."""
     record = tmp_path / "record"
     record.mkdir()
     stand_in = tmp_path / "python"
@@ -131,27 +132,31 @@ def test_the_subprocess_gets_the_key_in_its_environment_and_nowhere_else(tmp_pat
                         'printf "%s\\n" "$@" > "$M2F_RECORD/argv"\nenv > "$M2F_RECORD/env"\n')
     stand_in.chmod(0o755)
     monkeypatch.setenv("M2F_RECORD", str(record))
-    monkeypatch.setenv(KEY_ENV, WORKER_KEY)
-    paths = jobs.JobPaths.resolve(job="d/r/evaluate", results_root=str(tmp_path / "results"))
+    monkeypatch.setenv(KEY_ENV, KEY)  # as the launcher hands it to the job process
+    folder = tmp_path / "results" / "d/r/evaluate"
+    job = jobs.JobDescription(action="evaluate", job_id="d/r/evaluate", publish_uri=str(folder), local_dir=str(folder),
+                              cache_dir=str(tmp_path / "cache"),
+                              overrides={"evaluate.checkpoint": str(encrypted_checkpoint)})
     logged = []
-    request = JobRequest(action="evaluate", overrides={"evaluate.checkpoint": str(encrypted_checkpoint)}, paths=paths,
-                         cache_dir=tmp_path / "cache", s3_client_factory=None, log=logged.append, encryption_key=KEY)
-    assert KEY not in repr(request)
-
-    LocalProcessLauncher(python=str(stand_in), status_poll_s=0.05).run(request)
+    JobProcess(job, Mask2FormerStorageHook(aws_conn_id=None), logged.append, python=str(stand_in)).run()
 
     assert (record / "key").read_text() == KEY
-    assert (record / "env").read_text().count(KEY_ENV) == 1 and WORKER_KEY not in (record / "env").read_text()
+    assert (record / "env").read_text().count(KEY_ENV) == 1
     assert not _leaks((record / "argv").read_text()) and "evaluate" in (record / "argv").read_text()
-    assert not _leaks((paths.local_dir / "spec.yaml").read_text())
+    assert not _leaks((folder / "spec.yaml").read_text()) and not _leaks(job.to_json())
     assert not _leaks("\n".join(logged))
 
 
-def test_engine_environment_drops_the_workers_own_key_and_sets_the_jobs():
-    base = {KEY_ENV: WORKER_KEY, "PATH": "/usr/bin", "AIRFLOW_CONN_X": "secret"}
-    assert KEY_ENV not in engine_env(base)
-    env = engine_env(base, encryption_key=KEY)
-    assert env[KEY_ENV] == KEY and env["PATH"] == "/usr/bin" and "AIRFLOW_CONN_X" not in env
+def test_a_job_process_gets_the_jobs_key_never_the_workers(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, WORKER_KEY)
+    monkeypatch.setenv("AIRFLOW_CONN_X", "secret")
+    assert KEY_ENV not in job_process_env({})
+    env = job_process_env({KEY_ENV: KEY})
+    assert env[KEY_ENV] == KEY and "AIRFLOW_CONN_X" not in env
+    local = Mask2FormerExportOperator(task_id="export", encryption_key_conn_id=CONN_ID)
+    assert local.job_env("/results/d/r/export", {}, KEY) == {KEY_ENV: KEY}
+    pod = Mask2FormerExportOperator(task_id="export_pod", launcher=KubernetesPodLauncher(image="i"))
+    assert pod.job_env("s3://b/results/d/r/export", {}, None) == {}
 
 
 def test_a_variable_is_read_at_execute_time_and_masked(monkeypatch):
@@ -179,13 +184,13 @@ def test_a_key_in_spec_overrides_is_refused_without_repeating_it(tmp_path):
             Mask2FormerEvaluateOperator(task_id="evaluate", spec_overrides={"encryption_key": value})
         assert not _leaks(str(refused.value))
     with pytest.raises(SpecError, match="encryption_key_conn_id"):
-        overrides.validate_overrides("train", {"train.num_epochs": 1, "encryption_key": KEY})
+        overrides.job_overrides("train", {"train.num_epochs": 1, "encryption_key": KEY}, {})
 
     # a rendered template (here set after construction, as rendering does) is refused at execute, before staging
     op = Mask2FormerExportOperator(task_id="export", spec_overrides="{{ params.overrides }}",
                                    results_root=str(tmp_path / "results"))
     op.spec_overrides = json.dumps({"export.checkpoint": "model.pth", "encryption_key": KEY})
-    with pytest.raises(AirflowFailException, match="invalid spec override, nothing was staged or run") as refused:
+    with pytest.raises(AirflowFailException, match="is a secret.*Nothing was staged or run") as refused:
         op.execute(fake_context())
     assert not _leaks(str(refused.value))
     assert not (tmp_path / "results").exists()
@@ -207,19 +212,17 @@ def test_pods_take_the_key_from_a_kubernetes_secret_reference(tmp_path):
                                      encryption_key_secret_name="mask2former-model-key",
                                      encryption_key_secret_key="key")
     paths = jobs.JobPaths.resolve(job="d/r/evaluate", results_root="s3://bucket/results")
-    request = JobRequest(action="evaluate", overrides={"evaluate.checkpoint": "s3://bucket/train/model.pth"},
-                         paths=paths, cache_dir=tmp_path, s3_client_factory=None, log=lambda line: None)
-    pod = launcher.build_operator(request, task_id="evaluate").build_pod_request_obj(dry_run=True)
+    job = launcher.describe(action="evaluate", paths=paths, check_interval=10,
+                            overrides={"evaluate.checkpoint": "s3://bucket/train/model.pth"})
+    pod = launcher.pod(job, name="mask2former-evaluate-x")
     entry = next(e for e in pod.spec.containers[0].env if e.name == KEY_ENV)
     assert entry.value is None  # a reference to the Secret, never the key itself
     reference = entry.value_from.secret_key_ref
     assert (reference.name, reference.key) == ("mask2former-model-key", "key")
-    without = KubernetesPodLauncher(image="i").build_operator(request, task_id="evaluate")
-    assert KEY_ENV not in {e.name for e in without.build_pod_request_obj(dry_run=True).spec.containers[0].env}
+    without = KubernetesPodLauncher(image="i").pod(job, name="p")
+    assert KEY_ENV not in {e.name for e in without.spec.containers[0].env}
 
     with pytest.raises(SpecError, match="KubernetesPodLauncher takes the encryption key from a Kubernetes Secret"):
         Mask2FormerEvaluateOperator(task_id="evaluate", encryption_key_conn_id=CONN_ID, launcher=launcher)
-    keyed = JobRequest(action="evaluate", overrides={}, paths=paths, cache_dir=tmp_path, s3_client_factory=None,
-                       log=print, encryption_key=KEY)
-    with pytest.raises(AirflowFailException, match="never from the pod spec"):
-        launcher.build_operator(keyed, task_id="evaluate")
+    with pytest.raises(ValueError, match="never from the worker"):
+        launcher.start(job, {KEY_ENV: KEY}, print)

@@ -161,7 +161,7 @@ def test_escaping_paths_unknown_jobs_and_unserved_files_are_404(client, url):
 
 
 def test_a_runs_own_s3_root_is_browsable_through_the_link_and_the_root_parameter(client, s3_jobs):
-    from operators.links import Mask2FormerJobLink
+    from operators import Mask2FormerJobLink
 
     key = SimpleNamespace(dag_id="pipe", run_id="run_x", task_id="train", map_index=-1)
     link = Mask2FormerJobLink().get_link(SimpleNamespace(results_root=s3_jobs.other_root), ti_key=key)
@@ -227,15 +227,15 @@ def test_one_s3_client_serves_the_requests_until_the_connection_changes(client, 
     changed connection (endpoint, keys) takes effect on the next request."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    created = []
+    clients = []
     create = S3Hook.get_conn
-    monkeypatch.setattr(S3Hook, "get_conn", lambda hook: created.append(hook) or create(hook))
-    plugin._cached_client.clear()
+    monkeypatch.setattr(S3Hook, "get_conn", lambda hook: clients.append(create(hook)) or clients[-1])
+    plugin._cached_hook.clear()
     for _ in range(3):
         assert client.get("/api/jobs").status_code == 200
-    assert len(created) == 1
+    assert len({id(c) for c in clients}) == 1
     set_connection(monkeypatch, f"http://127.0.0.1:{free_port()}", config_kwargs={"retries": {"max_attempts": 1}})
-    assert client.get("/api/jobs").status_code == 502 and len(created) == 2
+    assert client.get("/api/jobs").status_code == 502 and len({id(c) for c in clients}) == 2
     set_connection(monkeypatch, moto_endpoint)
-    assert client.get("/api/jobs").status_code == 200 and len(created) == 3
-    assert SECRET_KEY not in str(plugin._cached_client)
+    assert client.get("/api/jobs").status_code == 200 and len({id(c) for c in clients}) == 3
+    assert SECRET_KEY not in str(plugin._cached_hook)

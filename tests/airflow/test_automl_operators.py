@@ -13,10 +13,12 @@ import pytest
 
 from helpers import REPO, upload_tree
 from mask2former.automl import policy
-from operators.automl import (DECISION_KEY, Mask2FormerAutoMLOperator, Mask2FormerAutoMLPlanOperator,
-                              Mask2FormerAutoMLPolicyOperator, Mask2FormerAutoMLResultOperator,
-                              best_trial_outcome, remove_published_checkpoints, storage_url_from_connection)
-from s3_server import moto_endpoint, moto_server, new_bucket, s3_client  # noqa: F401 - pytest fixtures
+from operators import Mask2FormerStorageHook
+from operators.operators.automl import (DECISION_KEY, Mask2FormerAutoMLOperator, Mask2FormerAutoMLPlanOperator,
+                                        Mask2FormerAutoMLPolicyOperator, Mask2FormerAutoMLResultOperator,
+                                        resolve_storage)
+from operators.utils.outcome import published_outcome
+from s3_server import moto_endpoint, moto_server, new_bucket, s3_client, s3_env  # noqa: F401 - pytest fixtures
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def test_templated_settings_are_left_to_execute():
 
 def test_study_storage_comes_from_a_connection(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_AUTOML_STUDY", "postgres://automl:s3cretpw@db.example:5432/studies")
-    assert storage_url_from_connection("automl_study") == \
+    assert resolve_storage(None, "automl_study") == \
         "postgresql+psycopg2://automl:s3cretpw@db.example:5432/studies"
 
 
@@ -135,24 +137,24 @@ def published_trial(folder: Path, value: float) -> Path:
     return folder
 
 
-def test_published_trials_on_s3_give_the_train_xcom_and_lose_their_checkpoints_on_cleanup(tmp_path, moto_endpoint):
-    client = s3_client(moto_endpoint)
-    bucket = new_bucket(moto_endpoint)
+def test_published_trials_on_s3_give_the_train_xcom_and_lose_their_checkpoints_on_cleanup(tmp_path, s3_env):
+    client = s3_client(s3_env)
+    bucket = new_bucket(s3_env)
     search = f"s3://{bucket}/results/dag/run/training.automl_plan"
     for number, value in ((0, 12.5), (1, 30.0)):
         upload_tree(client, published_trial(tmp_path / f"trial_{number:03d}", value), bucket,
                     f"results/dag/run/training.automl_plan/trials/trial_{number:03d}")
-    factory = lambda: s3_client(moto_endpoint)  # noqa: E731
+    hook = Mask2FormerStorageHook(aws_conn_id=None)
 
-    best = {"number": 1, "value": 30.0, "results_dir": f"{search}/trials/trial_001"}
-    outcome = best_trial_outcome(best=best, search_job="dag/run/training.automl_plan", s3_client_factory=factory)
+    outcome = published_outcome(hook, action="train", job_id="dag/run/training.automl_plan/trials/trial_001",
+                                publish_uri=f"{search}/trials/trial_001")
     assert outcome["action"] == "train" and outcome["status"] == "SUCCESS"
     assert outcome["job_id"] == "dag/run/training.automl_plan/trials/trial_001"
     assert outcome["results_dir"] == f"{search}/trials/trial_001"
     assert outcome["artifacts"]["best_checkpoint"] == f"{search}/trials/trial_001/model_epoch_001_step_000002.pth"
     assert outcome["metrics"] == {"mIoU": 30.0}
 
-    assert remove_published_checkpoints(f"{search}/trials/trial_000", factory) == 2
+    assert hook.remove_checkpoints(f"{search}/trials/trial_000") == 2
     left = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="results/")["Contents"]]
     assert not any(k.startswith("results/dag/run/training.automl_plan/trials/trial_000/") and k.endswith(".pth")
                    for k in left)

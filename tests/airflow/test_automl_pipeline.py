@@ -135,35 +135,33 @@ def test_policy_off_trains_directly(pipeline, dataset, tmp_path):
     assert (Path(__file__).resolve().parents[2] / "specs" / "skill_info.yaml").read_bytes() == skill_info
 
 
-class RecordingLauncher:
-    """Stands in for the train subprocess (real direct training is covered by test_policy_off_trains_directly):
+def recording_launcher():
+    """Stands in for the train job process (real direct training is covered by test_policy_off_trains_directly):
     records the job it is handed and leaves a finished train folder."""
+    from operators import LocalProcessLauncher
 
-    stages_locally = True
+    class RecordingLauncher(LocalProcessLauncher):
+        requests = []
 
-    def __init__(self):
-        self.requests = []
+        def run(self, job, env, log):
+            self.requests.append(job)
+            folder = Path(job.local_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "model_latest.pth").write_bytes(b"weights")
+            (folder / "status.json").write_text(json.dumps({"status": "SUCCESS", "message": "trained"}) + "\n")
+            return 0
 
-    def run(self, request):
-        self.requests.append(request)
-        folder = request.paths.local_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "model_latest.pth").write_bytes(b"weights")
-        (folder / "status.json").write_text(json.dumps({"status": "SUCCESS", "message": "trained"}) + "\n")
-        return folder
-
-    def kill(self):
-        pass
+    return RecordingLauncher()
 
 
 def test_missing_train_schema_trains_directly_and_reports_why(airflow_db, dataset, tmp_path):
     """The one-task AutoML operator with a schemas root that has skill_info but no train schema/template."""
-    from operators.automl import Mask2FormerAutoMLOperator
+    from operators import Mask2FormerAutoMLOperator
 
     root = tmp_path / "generated"
     (root / "specs").mkdir(parents=True)
     (root / "specs" / "skill_info.yaml").write_text("automl_enabled: true\nautoml_policy: auto\n")
-    launcher = RecordingLauncher()
+    launcher = recording_launcher()
     op = Mask2FormerAutoMLOperator(task_id="automl_train", schemas_root=str(root), max_recommendations=4,
                                    train_datasets=str(dataset / "train"), eval_dataset=str(dataset / "val"),
                                    dataset_format="coco_panoptic", results_root=str(tmp_path / "results"),
@@ -184,7 +182,7 @@ def test_missing_train_schema_trains_directly_and_reports_why(airflow_db, datase
 
 def test_one_task_operator_searches_with_parallel_local_workers(airflow_db, dataset, tmp_path):
     """Mask2FormerAutoMLOperator: the whole search in one task, two trials at once, the best in the train shape."""
-    from operators.automl import Mask2FormerAutoMLOperator
+    from operators import Mask2FormerAutoMLOperator
 
     op = Mask2FormerAutoMLOperator(task_id="automl_train", max_recommendations=2, max_epochs=1, parallel_trials=2,
                                    algorithm="random", remove_parameters=FIXED_SIZES, custom_ranges=SMALL_SPACE,

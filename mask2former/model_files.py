@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from ..checkpoint import CheckpointError, check_checkpoint_key
-from ..results import ParentModelError, resolve_parent_model
-from .job import ActionError
+from .checkpoint import CheckpointError, check_checkpoint_key
+from .results import ParentModelError, resolve_parent_model
+from .errors import ActionError
 
 
 def require_model_key(path: Union[str, Path], encryption_key: Optional[str]) -> None:

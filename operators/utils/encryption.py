@@ -9,7 +9,8 @@ An operator names where the key lives, never the key itself:
 The key is read in :meth:`EncryptionKeySource.resolve`, called from ``execute`` (never at DAG parse), and
 registered with Airflow's secrets masker (``airflow.sdk.log.mask_secret``), so a task log line that would
 show it shows ``***``. The engine receives it only through the environment variable
-``MASK2FORMER_ENCRYPTION_KEY`` of its subprocess (see :func:`operators.launchers.engine_env`): never in
+``MASK2FORMER_ENCRYPTION_KEY`` of its job process, which passes it to the engine (see
+:func:`operators.launchers.job_process_env` and :func:`operators.pod_job.engine_env`): never in
 ``spec_overrides``, spec.yaml, the command line, XCom or a log line. Kubernetes pods take it from a
 Kubernetes Secret instead (:class:`operators.launchers.KubernetesPodLauncher`), so it is never a literal in
 a pod spec.

@@ -4,8 +4,8 @@
 "artifacts", ...}``). The kind of model follows from the parent's action (train: checkpoint, export:
 ONNX, gen_trt_engine: TensorRT engine, quantize: quantized model) and is found by the engine's own
 resolver (:func:`mask2former.results.resolve_parent_model`) with the task's checkpoint choose method,
-on the local folder or on an index of the published S3 folder. The answer is one dotted override
-of the downstream action, whose value is a URI or path (staged later like any data source).
+on the local folder or on an index of the published S3 folder (the storage hook's ``index``). The answer
+is one dotted override of the downstream action, a URI or path (staged later like any data source).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 from mask2former import results
 from mask2former.config import SpecError
 from mask2former.data.sources import join_uri, uri_scheme
 
-from .remote import build_index
 
 #: The model kind each parent action produces.
 PARENT_KIND = {"train": "checkpoint", "export": "onnx", "gen_trt_engine": "engine", "quantize": "quantized"}
@@ -52,8 +51,7 @@ def _target(action: str, kind: str, name: str) -> str:
     return key
 
 
-def resolve_parent(action: str, parent: Any, *, choose: str, epoch: Optional[int],
-                   s3_client_factory: Callable[[], Any]) -> Dict[str, str]:
+def resolve_parent(action: str, parent: Any, *, choose: str, epoch: Optional[int], hook: Any) -> Dict[str, str]:
     """``{spec_key: uri}`` of the parent's model for ``action``; ``{}`` when ``parent`` is None."""
     if parent is None:
         return {}
@@ -71,7 +69,7 @@ def resolve_parent(action: str, parent: Any, *, choose: str, epoch: Optional[int
         raise SpecError("checkpoint_choose_method from_epoch_number needs checkpoint_epoch_number.")
     results_dir = str(parent["results_dir"])
     with tempfile.TemporaryDirectory(prefix="m2f-parent-") as tmp:
-        folder = build_index(results_dir, Path(tmp), s3_client_factory)
+        folder = hook.index(results_dir, Path(tmp))
         try:
             found = results.resolve_parent_model(folder, kind=kind, choose=choose, epoch=epoch)
         except results.ParentModelError as exc:

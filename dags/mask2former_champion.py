@@ -1,15 +1,14 @@
-"""Champion/challenger: the current best model's record (``champion.json`` in the results root) and the
-promotion decision, compared on the same evaluation set by one metric (mIoU, higher is better)."""
+"""Champion/challenger (a helper of mask2former_retrain): the current best model's record (``champion.json`` in
+the results root, read and written through the storage hook) and the promotion decision, compared on the same
+evaluation set by one metric (mIoU, higher is better)."""
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from mask2former.data.sources import join_uri
-
-from .outcome import find_metric
-from .remote import read_json, write_json
+from operators.utils.outcome import find_metric
 
 CHAMPION_FILE = "champion.json"
 METRIC = "mIoU"
@@ -19,8 +18,8 @@ def champion_uri(results_root: str) -> str:
     return join_uri(results_root.rstrip("/") or results_root, CHAMPION_FILE)
 
 
-def read_champion(results_root: str, s3_client_factory: Callable[[], Any]) -> Optional[Dict[str, Any]]:
-    return read_json(champion_uri(results_root), s3_client_factory)
+def read_champion(results_root: str, storage: Any) -> Optional[Dict[str, Any]]:
+    return storage.read_json(champion_uri(results_root))
 
 
 def needs_evaluation(champion: Optional[Mapping[str, Any]], eval_dataset: str) -> bool:
@@ -61,7 +60,7 @@ def champion_record(*, dag_id: str, run_id: str, partition: str, eval_dataset: s
     }
 
 
-def write_champion(results_root: str, record: Mapping[str, Any], s3_client_factory: Callable[[], Any]) -> str:
+def write_champion(results_root: str, record: Mapping[str, Any], storage: Any) -> str:
     uri = champion_uri(results_root)
-    write_json(uri, dict(record), s3_client_factory)
+    storage.write_json(uri, dict(record))
     return uri

@@ -1,14 +1,15 @@
-"""Spec overrides as the operators take them: coerced, validated early, split per action.
+"""Spec overrides as the operators take them: coerced, checked at DAG parse (literals) and once at execute.
 
 Operators receive one dict of flat dotted keys (``{"train.num_epochs": 10, "model.mode": "semantic"}``)
-and share it across a pipeline, so a key is validated against the action that owns its section
-(``export.*`` by export, ``model.*`` and ``dataset.*`` by train, ...) and each action keeps the keys of
-the sections it reads. Validation is the engine's own (jsonschema through
-:func:`mask2former.config.resolve_spec_dict`): no torch, cheap enough for DAG parsing.
+and share it across a pipeline, so a key is validated by the action that reads its section (``export.*`` by
+export, ``model.*`` and ``dataset.*`` by train, ...) and each action keeps the keys of the sections it reads.
+The rules are the engine's own (:mod:`mask2former.config`): no torch, cheap enough for DAG parsing. (Once one
+spec serves every action in the engine's loader, :func:`job_overrides` is ``load_spec(action, overrides=...)``
+on every key.)
 
 Secret keys (``encryption_key``) are refused, even templated: overrides are stored in the DAG run conf
 and in the rendered template fields, where anyone who can read the run sees them. The operators take
-the key from an Airflow connection or Variable instead (:mod:`operators.encryption`).
+the key from an Airflow connection or Variable instead (:mod:`operators.utils.encryption`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Dict
 
 import yaml
 
-from mask2former.config import ACTION_SECTIONS, ACTIONS, SpecError, parse_override_words, resolve_spec_dict
+from mask2former.config import ACTION_SECTIONS, ACTIONS, SpecError, load_spec, parse_override_words, resolve_spec_dict
 from mask2former.config.schema import secret_keys
 
 OPERATOR_OWNED_KEYS = ("results_dir",)
@@ -55,35 +56,36 @@ def coerce_overrides(value: Any) -> Dict[str, Any]:
                     f"got {type(value).__name__} {value!r}.")
 
 
-def owner_action(key: str, default: str) -> str:
-    """The action that validates ``key``: ``default`` when it reads the key's section, else the first that does."""
-    top = key.split(".", 1)[0]
-    if top in ACTION_SECTIONS[default]:
-        return default
-    for action in ACTIONS:
-        if top in ACTION_SECTIONS[action]:
-            return action
-    return default
-
-
-def validate_overrides(action: str, overrides: Mapping[str, Any], *, skip_templated: bool = False) -> None:
-    """Raise :class:`SpecError` for the first unknown key, wrong type, bound or enum in ``overrides``.
-
-    Each key is checked by the action owning its section (so an operator accepts the shared
-    overrides of a whole pipeline); a key no action reads is reported against ``action`` with the
-    nearest valid keys. ``skip_templated`` leaves out keys and values still holding Jinja.
-    """
+def _by_owner(action: str, overrides: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The keys grouped by the action that validates them: ``action`` for the sections it reads, else the first
+    action that reads the key's section (a key no action reads stays with ``action``, which names the nearest)."""
     groups: Dict[str, Dict[str, Any]] = {}
-    refuse_secret_keys(overrides)
     for key, value in overrides.items():
-        if skip_templated and (is_templated(key) or _holds_template(value)):
-            continue
         if key in OPERATOR_OWNED_KEYS:
             raise SpecError(f"Override '{key}' is set by the operator (the job folder under results_root); "
                             "remove it and pass results_root to the operator instead.")
-        groups.setdefault(owner_action(key, action), {})[key] = value
+        top = key.split(".", 1)[0]
+        owner = next((a for a in (action, *ACTIONS) if top in ACTION_SECTIONS[a]), action)
+        groups.setdefault(owner, {})[key] = value
+    return groups
+
+
+def job_overrides(action: str, overrides: Mapping[str, Any], derived: Mapping[str, Any]) -> Dict[str, Any]:
+    """The one check of a job's spec at execute: the spec keys of ``action`` and whether they can run.
+
+    ``derived`` (the planned data sources and the parent model) comes first, then the user's ``overrides`` of
+    the sections ``action`` reads; together they are resolved by the engine (:func:`mask2former.config.load_spec`,
+    cross-key rules included). The user's keys of sections that only other actions read (one dict of overrides
+    serves a whole pipeline) are validated by those actions. Raises :class:`SpecError` naming the key.
+    """
+    refuse_secret_keys(overrides)
+    groups = _by_owner(action, overrides)
     for owner, group in groups.items():
-        resolve_spec_dict(owner, overrides=group)
+        if owner != action:
+            resolve_spec_dict(owner, overrides=group)
+    merged = {**derived, **groups.get(action, {})}
+    load_spec(action, overrides=merged)
+    return merged
 
 
 def refuse_secret_keys(overrides: Mapping[str, Any]) -> None:
@@ -108,13 +110,12 @@ def _holds_template(value: Any) -> bool:
 
 
 def validate_literal_overrides(action: str, value: Any) -> None:
-    """DAG-parse check of an operator's literal ``spec_overrides`` (a templated string is left to execute)."""
+    """DAG-parse check of an operator's literal ``spec_overrides`` (keys and values holding Jinja are left to
+    execute): unknown keys, types, bounds and enums, each by the action that reads its section."""
     if value is None or is_templated(value) or not isinstance(value, (Mapping, str, list, tuple)):
         return
-    validate_overrides(action, coerce_overrides(value), skip_templated=True)
-
-
-def overrides_for_action(action: str, overrides: Mapping[str, Any]) -> Dict[str, Any]:
-    """The keys of the sections ``action`` reads."""
-    sections = ACTION_SECTIONS[action]
-    return {k: v for k, v in overrides.items() if k.split(".", 1)[0] in sections}
+    coerced = coerce_overrides(value)
+    refuse_secret_keys(coerced)
+    literal = {k: v for k, v in coerced.items() if not (is_templated(k) or _holds_template(v))}
+    for owner, group in _by_owner(action, literal).items():
+        resolve_spec_dict(owner, overrides=group)

@@ -1,11 +1,11 @@
-"""The six Mask2Former operators, one per engine action (see :class:`operators.base.Mask2FormerBaseOperator`)."""
+"""The six Mask2Former operators, one per engine action (see :class:`~operators.operators.base.Mask2FormerBaseOperator`)."""
 
 from __future__ import annotations
 
 from airflow.sdk.exceptions import AirflowSkipException
 
 from .base import Mask2FormerBaseOperator
-from .gpu import cuda_gpu_missing_reason
+from ..utils.gpu import cuda_gpu_missing_reason
 
 
 class Mask2FormerTrainOperator(Mask2FormerBaseOperator):
@@ -47,7 +47,7 @@ class Mask2FormerGenTrtEngineOperator(Mask2FormerBaseOperator):
     action = "gen_trt_engine"
 
     def check_can_run(self) -> None:
-        if not getattr(self.launcher, "stages_locally", True):
+        if not self.launcher.runs_here:
             return  # a pod asks the cluster for its GPU
         reason = cuda_gpu_missing_reason()
         if reason is not None:

@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 from airflow.sdk import BaseOperatorLink
 
-from .jobs import default_results_root, job_id
+from ..utils.jobs import default_results_root, job_id
 
 #: Where the plugin's FastAPI app is mounted on the API server.
 PLUGIN_URL_PREFIX = "/mask2former"

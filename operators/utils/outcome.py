@@ -8,6 +8,7 @@ artifact are URIs of the published folder; ``metrics`` keeps the scalar values o
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -20,8 +21,9 @@ MAX_XCOM_METRICS = 64
 MAX_METRIC_DEPTH = 3
 
 
-def small_metrics(metrics: Mapping[str, Any]) -> Dict[str, Any]:
-    """Scalar metrics (numbers, strings, booleans) flattened to dotted keys; NaN/inf become None."""
+def small_metrics(metrics: Mapping[str, Any], limit: Optional[int] = MAX_XCOM_METRICS) -> Dict[str, Any]:
+    """Scalar metrics (numbers, strings, booleans) flattened to dotted keys, at most ``limit`` of them (None:
+    all); NaN/inf become None."""
     flat: Dict[str, Any] = {}
 
     def walk(node: Mapping[str, Any], prefix: str, depth: int) -> None:
@@ -34,11 +36,11 @@ def small_metrics(metrics: Mapping[str, Any]) -> Dict[str, Any]:
                 flat[name] = value
             elif isinstance(value, float):
                 flat[name] = value if math.isfinite(value) else None
-            if len(flat) >= MAX_XCOM_METRICS:
+            if limit is not None and len(flat) >= limit:
                 return
 
     walk(metrics, "", 1)
-    return dict(list(flat.items())[:MAX_XCOM_METRICS])
+    return dict(list(flat.items())[:limit])
 
 
 def find_metric(metrics: Mapping[str, Any], name: str) -> Optional[float]:
@@ -84,3 +86,10 @@ def job_outcome(*, action: str, job_id: str, folder: Path, publish_uri: str) -> 
         "metrics": small_metrics(results.read_metrics(folder)),
         "artifacts": collect_artifacts(folder, publish_uri),
     }
+
+
+def published_outcome(hook: Any, *, action: str, job_id: str, publish_uri: str) -> Dict[str, Any]:
+    """The XCom dict of a job from its published folder, read through the storage hook."""
+    with tempfile.TemporaryDirectory(prefix="m2f-outcome-") as tmp:
+        return job_outcome(action=action, job_id=job_id, folder=hook.index(publish_uri, Path(tmp)),
+                           publish_uri=publish_uri)

@@ -1,4 +1,4 @@
-"""Where a task's job lives: its id (dag, run, task), its local folder and its published location.
+"""Where a task's job lives (its id, local folder and published location) and what a job process runs.
 
 A job folder is keyed by dag_id, run_id and task_id (plus the map index of a mapped task), never by
 the try number, so a retried task finds its earlier attempt's folder (train resumes from its last
@@ -16,11 +16,12 @@ Roots (each resolved at execute time, never at DAG parse):
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from mask2former.data.sources import join_uri, local_path_of, uri_scheme
 
@@ -99,3 +100,43 @@ class JobPaths:
         else:
             local = Path(local_path_of(publish))
         return cls(job_id=job, local_dir=local.absolute(), publish_uri=publish)
+
+
+def process_env(base: Mapping[str, str], *, drop: Tuple[str, ...]) -> Dict[str, str]:
+    """The environment of a process this package starts: ``base`` without the variables whose names start with
+    ``drop``, the project's folder (the engine and this package) first on PYTHONPATH, unbuffered output."""
+    env = {k: v for k, v in base.items() if not k.startswith(drop)}
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                  if p and p != root])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+#: The environment variable that hands a job process its :class:`JobDescription` (JSON).
+JOB_ENV = "MASK2FORMER_JOB"
+
+
+@dataclass(frozen=True)
+class JobDescription:
+    """What a job process (``python -m operators.pod_job``: a pod, a detached or a child process) runs.
+
+    ``overrides`` are the validated spec keys, data sources still as URIs; no credentials (those reach the
+    process through its environment: a Kubernetes Secret, or the worker's connection).
+    """
+
+    action: str
+    job_id: str
+    overrides: Dict[str, Any]
+    publish_uri: str
+    local_dir: str
+    cache_dir: str
+    #: Seconds between the job's heartbeats, status uploads and looks for a stop request.
+    check_interval: float = 10.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobDescription":
+        return cls(**json.loads(text))

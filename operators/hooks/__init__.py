@@ -1,0 +1,1 @@
+"""Hooks of the Mask2Former operators (every outside call of the Airflow side)."""

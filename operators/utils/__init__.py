@@ -1,0 +1,1 @@
+"""What the operators share: job folders, spec overrides, parent models, outcomes, the encryption key."""
