@@ -21,6 +21,7 @@ from typing import Any, Dict
 import yaml
 
 from mask2former.config import ACTION_SECTIONS, ACTIONS, SpecError, load_spec, parse_override_words, resolve_spec_dict
+from mask2former.config.loader import safe_yaml_load
 from mask2former.config.schema import secret_keys
 
 OPERATOR_OWNED_KEYS = ("results_dir",)
@@ -42,7 +43,7 @@ def coerce_overrides(value: Any) -> Dict[str, Any]:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             try:
-                parsed = yaml.safe_load(value)
+                parsed = safe_yaml_load(value, source="spec_overrides")
             except yaml.YAMLError as exc:
                 raise SpecError(f"spec_overrides: {value!r} is neither JSON nor YAML ({exc}).") from None
         if parsed is None:
