@@ -1,6 +1,6 @@
 """Hostile archives, through both doors that extract them: the CLI (``dataset.train.img_dir`` naming an
-archive, extracted next to itself) and the job's data staging (``stage_sources`` of a ``file://`` URI into the
-job's cache). Each is refused naming the archive and the member; nothing is written outside the job folder,
+archive, extracted next to itself) and the job's data staging (the storage hook's ``stage`` of a ``file://`` URI into
+the job's cache). Each is refused naming the archive and the member; nothing is written outside the job folder,
 and no half-extracted folder is left anywhere."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from hostile_support import Outcome, Sandbox, assert_refused
 from mask2former.data.archives import UnsafeArchiveError
-from mask2former.data.staging import stage_sources
+from operators.hooks.storage import Mask2FormerStorageHook
 
 JPEG = b"\xff\xd8\xff\xe0 not really a jpeg"
 
@@ -95,7 +95,7 @@ def _through_staging(sandbox: Sandbox, archive: Path):
     started = time.monotonic()
     with sandbox.watched() as changes:
         try:
-            stage_sources({"dataset.train.img_dir": f"file://{archive}"}, cache_dir=cache, progress=lambda line: None)
+            Mask2FormerStorageHook().stage({"dataset.train.img_dir": f"file://{archive}"}, cache, log=lambda line: None)
             message = ""
         except UnsafeArchiveError as error:
             message = str(error)
