@@ -21,6 +21,7 @@ import yaml
 from . import results
 from .actions import available_actions, module_name
 from .actions.job import ActionError, ActionResult, Job
+from .errors import InputFileError
 from .config import ACTIONS, SpecError, load_spec, spec_to_dict
 from .config.experiment import ACTION_DESCRIPTIONS
 from .crypto import key_from_environment
@@ -106,7 +107,7 @@ def run_action(action: str, spec: Optional[str], overrides: List[str], results_d
     try:
         module = importlib.import_module(module_name(action))
         outcome: ActionResult = module.run(config, job)
-    except ActionError as exc:
+    except (ActionError, InputFileError) as exc:
         status.failure(str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -24,6 +24,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import InputFileError
+
 __all__ = ["COMPLETE_MARKER", "UnsafeArchiveError", "archive_stem", "is_archive", "safe_extract"]
 
 #: File written last inside an extracted folder; its presence means the extraction finished.
@@ -35,7 +37,7 @@ MEMBER_COST_BYTES = 512  # one tar header block: what an empty member costs the 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(InputFileError):
     """An archive member that must not be extracted (absolute path, ``..``, link or special file)."""
 
     def __init__(self, *, archive_path: str | os.PathLike[str], member: str, reason: str) -> None:

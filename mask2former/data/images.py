@@ -18,6 +18,8 @@ from typing import List
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import InputFileError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -59,7 +61,7 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
-class ImageTooLargeError(ValueError):
+class ImageTooLargeError(InputFileError):
     """An image whose header declares more pixels than Pillow's limit; the message names the file."""
 
 

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
-from PIL import Image
 
 from ..data.dataset import SegmentationDataset
-from ..metrics import read_panoptic_png
+from ..metrics import read_panoptic_png, read_png
 from .pipeline import Evaluator, has_panoptic_ground_truth
 from .predictions import ImagePrediction
 from .writers import prediction_png_name
@@ -100,8 +99,7 @@ def _semantic_reader(folder: Path) -> Callable[[ImagePrediction], None]:
         png = folder / prediction_png_name(prediction.file_name)
         if not png.is_file():
             raise FileNotFoundError(f"no semantic PNG {png}")
-        with Image.open(png) as image:
-            array = np.asarray(image)  # "L" / "I;16" / "P": the stored ids
+        array = read_png(png)  # "L" / "I;16" / "P": the stored ids, within the pixel limit
         if array.ndim != 2:
             raise ValueError(f"{png} has shape {array.shape}; expected a single-channel PNG of raw category ids")
         prediction.sem_seg = array.astype(np.int32)

@@ -7,6 +7,7 @@
 Plain numpy in, plain dicts out (values in percent); no dependency on the data loaders or torch.
 """
 
+from mask2former.metrics._common import read_png
 from mask2former.metrics.instance import InstanceEvaluator, evaluate_coco_results_file, masks_to_rle
 from mask2former.metrics.panoptic import (
     PanopticEvaluator,
@@ -27,5 +28,6 @@ __all__ = [
     "id_to_rgb",
     "masks_to_rle",
     "read_panoptic_png",
+    "read_png",
     "rgb_to_id",
 ]

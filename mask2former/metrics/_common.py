@@ -61,6 +61,10 @@ def read_png(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"PNG not found: {path}")
     with Image.open(path) as image:
+        width, height = image.size
+        if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"PNG {path} is {width}x{height} ({width * height} pixels), more than the "
+                             f"{Image.MAX_IMAGE_PIXELS} pixels images may have")
         return np.asarray(image)
 
 

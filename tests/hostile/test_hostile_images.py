@@ -105,3 +105,20 @@ def test_16_bit_and_cmyk_images_are_accepted_and_converted(sandbox, tmp_path):
                        ("16-bit grayscale PNG", "scaled from 0..65535 to 0..255 gray"),
                        ("16-bit RGB PNG", "read by Pillow as 8-bit RGB (the high byte)")):
         record_accepted(f"image: {name}", "inference CLI", what)
+
+
+def test_a_decompression_bomb_among_inference_photos_is_refused_naming_it(sandbox, tmp_path):
+    photos = sandbox.data / "photos"
+    photos.mkdir()
+    (photos / "ok.jpg").write_bytes(_jpeg())
+    bomb = photos / "zz-bomb.png"
+    bomb.write_bytes(png_bytes(30000, 30000, bit_depth=1, color_type=0))
+    checkpoint = save_random_checkpoint(tmp_path / "model.pth", mode="panoptic")
+    words = [f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in {
+        **tiny_model_overrides("panoptic"), **small_data_overrides(), "dataset.test.img_dir": str(photos),
+        "dataset.label_map": str(sandbox.train_root("coco_panoptic") / "label_map_panoptic.json"),
+        "inference.checkpoint": str(checkpoint), "inference.save_overlays": False}.items()]
+    outcome = sandbox.run_cli("inference", words)
+    assert_refused(outcome, rf"image {bomb} is refused as a decompression bomb", case="image: bomb among photos",
+                   door="inference CLI", max_seconds=180)
+    assert read_status(sandbox.job)[-1]["status"] == "FAILURE"
