@@ -21,7 +21,7 @@ import yaml
 from . import results
 from .actions import available_actions, module_name
 from .actions.job import ActionError, ActionResult, Job
-from .config import ACTIONS, SpecError, load_spec, spec_to_dict
+from .config import ACTIONS, UNUSED_RECORD_KEY, SpecError, resolve_spec, spec_to_dict, unused_line
 from .config.experiment import ACTION_DESCRIPTIONS
 from .crypto import key_from_environment
 from .host_allocator import configure_host_allocator
@@ -86,18 +86,26 @@ def run_action(action: str, spec: Optional[str], overrides: List[str], results_d
     log = _configure_logging()
     primary = is_primary_process()
     try:
-        config = load_spec(action, spec_path=spec, overrides=overrides)
+        resolution = resolve_spec(action, spec_path=spec, overrides=overrides)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    config = resolution.config
+    line = unused_line(action, resolution.unused)
+    if line:
+        log.info(line)
+    for note in resolution.notes:
+        log.info("no effect: %s", note)
     # a key in the environment keeps it off command lines, spec files and process listings
     config.encryption_key = config.encryption_key or key_from_environment()
     folder = Path(results_dir or config.results_dir or results.new_results_dir(Path.cwd() / "results", action))
     config.results_dir = str(folder.resolve())
     folder.mkdir(parents=True, exist_ok=True)
     if primary:
-        results.atomic_write_text(folder / results.EXPERIMENT_FILE,
-                                  yaml.safe_dump(spec_to_dict(action, config), sort_keys=False))
+        record = spec_to_dict(action, config)
+        if resolution.unused:
+            record[UNUSED_RECORD_KEY] = resolution.unused
+        results.atomic_write_text(folder / results.EXPERIMENT_FILE, yaml.safe_dump(record, sort_keys=False))
     status = results.StatusWriter(folder, enabled=primary)
     status.started(f"{action} started")
     signal.signal(signal.SIGTERM, _raise_terminated)

@@ -7,8 +7,9 @@ from typing import List, Optional
 
 from .fields import section, spec_field
 
-IMAGENET_MEAN_255 = [123.675, 116.28, 103.53]
-IMAGENET_STD_255 = [58.395, 57.12, 57.375]
+# ImageNet statistics on TAO's scale: the image is divided by 255 first, then normalised with these.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @dataclass
@@ -70,9 +71,11 @@ class DatasetConfig:
                                           nullable=True, popular=True)
     contiguous_id: bool = spec_field(False, description="true: class index = position in the label map; false: "
                                                         "class index = raw category id (< num_classes).")
-    pixel_mean: List[float] = spec_field(list(IMAGENET_MEAN_255), description="Per-channel mean, 0..255 scale.",
-                                         min_items=3, max_items=3)
-    pixel_std: List[float] = spec_field(list(IMAGENET_STD_255), description="Per-channel std, 0..255 scale.",
+    pixel_mean: List[float] = spec_field(list(IMAGENET_MEAN), description="Per-channel (RGB) mean on TAO's 0..1 "
+                                                                          "scale: the image is divided by 255, then "
+                                                                          "normalised.",
+                                         min_items=3, max_items=3, minimum=0)
+    pixel_std: List[float] = spec_field(list(IMAGENET_STD), description="Per-channel (RGB) std on TAO's 0..1 scale.",
                                         min_items=3, max_items=3, exclusive_minimum=0)
     augmentation: AugmentationConfig = section(AugmentationConfig, "Augmentation and resizing.")
     quant_calibration_dataset: CalibrationConfig = section(CalibrationConfig, "Calibration data for quantize.")

@@ -38,6 +38,16 @@ def _check_model(config: ExperimentConfig) -> None:
                         f"model.mask_former.nheads = {mf.nheads} (the deformable encoder's attention heads).")
 
 
+def _check_pixel_scale(config: ExperimentConfig) -> None:
+    """pixel_mean/pixel_std are on TAO's 0..1 scale; values on the 0..255 scale would normalise wrongly."""
+    ds = config.dataset
+    for key, values, imagenet in (("pixel_mean", ds.pixel_mean, "[0.485, 0.456, 0.406]"),
+                                  ("pixel_std", ds.pixel_std, "[0.229, 0.224, 0.225]")):
+        if max(values) > 1:
+            raise SpecError(f"dataset.{key} {list(values)} is above 1: it is on TAO's 0..1 scale (the image is divided "
+                            f"by 255, then normalised; ImageNet's is {imagenet}). Divide 0..255 values by 255.")
+
+
 def _split_needs(mode: str, split_name: str, split: object) -> Optional[str]:
     """Why a split cannot feed the given mode, or None."""
     has_panoptic = bool(split.panoptic_json and split.panoptic_dir)
@@ -155,6 +165,8 @@ def check_rules(action: str, config: ExperimentConfig) -> None:
     """
     if "model" in _sections(action):
         _check_model(config)
+    if "dataset" in _sections(action):
+        _check_pixel_scale(config)
     if action == "train":
         _check_train(config)
     elif action == "evaluate":

@@ -60,6 +60,8 @@ def _field_schema(field: dataclasses.Field, tp: Any) -> Dict[str, Any]:
         if "enum" in schema:
             schema["enum"] = schema["enum"] + [None]
     schema["description"] = meta.get("description", "")
+    if meta.get("no_effect"):
+        schema["description"] += f" No effect here: {meta['no_effect']}"
     if meta.get("secret"):
         schema["writeOnly"] = True  # JSON Schema's mark for a value that is given but never read back
     if not meta.get("section"):
@@ -119,6 +121,21 @@ def secret_keys(cls: type = ExperimentConfig, prefix: str = "") -> List[str]:
         elif dataclasses.is_dataclass(tp):
             keys.extend(secret_keys(tp, f"{prefix}{field.name}."))
     return keys
+
+
+def _no_effect_keys(cls: type = ExperimentConfig, prefix: str = "") -> Dict[str, str]:
+    found = {}
+    for field in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(typing.get_type_hints(cls)[field.name])
+        if field.metadata.get("no_effect"):
+            found[prefix + field.name] = field.metadata["no_effect"]
+        elif dataclasses.is_dataclass(tp):
+            found.update(_no_effect_keys(tp, f"{prefix}{field.name}."))
+    return found
+
+
+# Dotted key -> why the key, accepted for TAO spec files, has no effect here.
+NO_EFFECT: Dict[str, str] = _no_effect_keys()
 
 
 def iter_leaves(schema: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Dict[str, Any]]]:
