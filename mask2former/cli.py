@@ -82,6 +82,30 @@ def is_primary_process() -> bool:
     return all(int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "NODE_RANK", "LOCAL_RANK"))
 
 
+def job_folder(action: str, config, results_dir: Optional[str]) -> Path:
+    """The job's folder, as TAO's update_results_dir: ``--results-dir`` (the operators' job folder) exactly, else
+    ``<action>.results_dir``, else ``<results_dir>/<action>``, else a new folder under ./results."""
+    if results_dir:
+        return Path(results_dir)
+    own = getattr(getattr(config, action), "results_dir", None)
+    if own:
+        return Path(own)
+    if config.results_dir:
+        return Path(config.results_dir) / action
+    return results.new_results_dir(Path.cwd() / "results", action)
+
+
+def results_owner(folder: Path) -> Optional[str]:
+    """The action whose job wrote ``folder``'s status.json (its first line reads '<action> started'), or None."""
+    try:
+        lines = results.read_status(folder)
+    except OSError:
+        return None
+    message = str(lines[0].get("message", "")) if lines else ""
+    action = message.split(" ", 1)[0]
+    return action if message.endswith(" started") and action in ACTIONS else None
+
+
 def run_action(action: str, spec: Optional[str], overrides: List[str], results_dir: Optional[str]) -> int:
     log = _configure_logging()
     primary = is_primary_process()
@@ -98,7 +122,13 @@ def run_action(action: str, spec: Optional[str], overrides: List[str], results_d
         log.info("no effect: %s", note)
     # a key in the environment keeps it off command lines, spec files and process listings
     config.encryption_key = config.encryption_key or key_from_environment()
-    folder = Path(results_dir or config.results_dir or results.new_results_dir(Path.cwd() / "results", action))
+    folder = job_folder(action, config, results_dir)
+    other = results_owner(folder)
+    if other not in (None, action):
+        print(f"error: the results folder {folder} holds a {other} job; {action} would overwrite its "
+              f"experiment.yaml, status.json and metrics.json. Give {action} its own folder ({action}.results_dir, "
+              "or results_dir, under which each action writes to <results_dir>/<action>).", file=sys.stderr)
+        return EXIT_USAGE
     config.results_dir = str(folder.resolve())
     folder.mkdir(parents=True, exist_ok=True)
     if primary:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from .fields import section, spec_field
 
@@ -20,9 +20,16 @@ class EvaluateConfig:
         None, description="Score predictions already on disk instead of running a model: a COCO-panoptic JSON "
                           "(PNGs beside it in a folder of the same stem), a COCO results JSON, or a folder of "
                           "semantic PNGs.", nullable=True)
-    batch_size: int = spec_field(1, description="Images per batch.", minimum=1)
+    batch_size: int = spec_field(-1, description="Images per batch; -1: dataset.val.batch_size (as TAO).",
+                                 minimum=-1)
     num_gpus: int = spec_field(1, description="GPUs (CPU when none).", minimum=1)
     gpu_ids: List[int] = spec_field([0], description="GPU indices.", minimum=0)
+    num_nodes: int = spec_field(1, description="Nodes.", minimum=1, maximum=1,
+                                no_effect="evaluation runs on one node.")
+    results_dir: Optional[str] = spec_field(
+        None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
+                          "<results_dir>/evaluate (--results-dir and the operators name the job folder exactly).",
+        nullable=True)
 
 
 @dataclass
@@ -32,9 +39,16 @@ class InferenceConfig:
     onnx_file: Optional[str] = spec_field(None, description="Run an exported ONNX model with onnxruntime.",
                                           nullable=True)
     trt_engine: Optional[str] = spec_field(None, description="Run a TensorRT engine (CUDA GPU).", nullable=True)
-    batch_size: int = spec_field(1, description="Images per batch.", minimum=1)
+    batch_size: int = spec_field(-1, description="Images per batch; -1: dataset.test.batch_size (as TAO).",
+                                 minimum=-1)
     num_gpus: int = spec_field(1, description="GPUs (CPU when none).", minimum=1)
     gpu_ids: List[int] = spec_field([0], description="GPU indices.", minimum=0)
+    num_nodes: int = spec_field(1, description="Nodes.", minimum=1, maximum=1,
+                                no_effect="inference runs on one node.")
+    results_dir: Optional[str] = spec_field(
+        None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
+                          "<results_dir>/inference (--results-dir and the operators name the job folder exactly).",
+        nullable=True)
     save_overlays: bool = spec_field(True, description="Write overlay images with a legend beside the "
                                                        "machine-readable outputs.")
 
@@ -52,6 +66,12 @@ class ExportConfig:
     on_cpu: bool = spec_field(True, description="Trace on the CPU (false: on the first GPU).")
     parity_tolerance: float = spec_field(1e-3, description="Largest allowed max-abs difference between "
                                                            "onnxruntime and PyTorch mask logits.", exclusive_minimum=0)
+    gpu_id: int = spec_field(0, description="GPU that traces the model when on_cpu is false.", minimum=0)
+    verbose: bool = spec_field(False, description="Print the traced graph while exporting.")
+    results_dir: Optional[str] = spec_field(
+        None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
+                          "<results_dir>/export (--results-dir and the operators name the job folder exactly).",
+        nullable=True)
 
 
 @dataclass
@@ -79,8 +99,14 @@ class QuantizeConfig:
                                                              "Linear and Conv layer.")
     skip_names: List[str] = spec_field([], description="Module-name patterns left in full precision.")
     model_path: Optional[str] = spec_field(None, description="Checkpoint to quantize.", nullable=True, popular=True)
-    device: str = spec_field("cpu", description="Device for calibration and the report's latency.",
-                             enum=["cpu", "cuda"])
+    device: str = spec_field("cpu", description="Device for calibration and the report's latency: cpu, cuda or "
+                                                "cuda:N.")
+    backend_kwargs: Dict[str, Any] = spec_field({}, description="Extra keyword arguments passed to the backend's "
+                                                                "quantize call.")
+    results_dir: Optional[str] = spec_field(
+        None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
+                          "<results_dir>/quantize (--results-dir and the operators name the job folder exactly).",
+        nullable=True)
 
 
 @dataclass
@@ -104,4 +130,10 @@ class GenTrtEngineConfig:
                                              nullable=True)
     batch_size: int = spec_field(-1, description="Batch size of the parity check inputs (-1: opt_batch_size).",
                                  minimum=-1)
+    gpu_id: int = spec_field(0, description="GPU that builds the engine.", minimum=0)
+    verbose: bool = spec_field(False, description="TensorRT builder log at verbose level.")
+    results_dir: Optional[str] = spec_field(
+        None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
+                          "<results_dir>/gen_trt_engine (--results-dir and the operators name the job folder exactly).",
+        nullable=True)
     tensorrt: TensorRTConfig = section(TensorRTConfig, "TensorRT builder settings.")

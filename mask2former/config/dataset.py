@@ -12,9 +12,15 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+# Annotation formats a split may name (dataset.<split>.type and dataset.type).
+DATASET_TYPES = ["coco", "coco_panoptic"]
+
+
 @dataclass
 class SplitConfig:
-    type: str = spec_field("coco_panoptic", description="Annotation format.", enum=["coco", "coco_panoptic"])
+    type: str = spec_field("coco_panoptic", description="Annotation format.", enum=DATASET_TYPES)
+    name: str = spec_field("", description="Dataset name.", no_effect="a split is known by its files; TAO's "
+                                                                      "dataset name is only a label.")
     img_dir: Optional[str] = spec_field(None, description="Image folder or images.tar.gz (path, file:// or s3://).",
                                         nullable=True)
     instance_json: Optional[str] = spec_field(None, description="COCO instance annotations (annotations.json).",
@@ -25,6 +31,10 @@ class SplitConfig:
                                              nullable=True)
     batch_size: int = spec_field(1, description="Images per batch and device.", minimum=1, popular=True)
     num_workers: int = spec_field(2, description="Data-loading worker processes.", minimum=0)
+    target_size: List[int] = spec_field([], description="TAO's fixed [width, height] resize of every image "
+                                                        "(empty: off). Only the empty list is accepted: images "
+                                                        "are resized by dataset.augmentation, which keeps "
+                                                        "their aspect ratio.", minimum=1)
 
 
 @dataclass
@@ -66,6 +76,11 @@ class DatasetConfig:
     train: SplitConfig = section(SplitConfig, "Training split.")
     val: SplitConfig = section(SplitConfig, "Validation split (used by train for validation and by evaluate).")
     test: SplitConfig = section(SplitConfig, "Inference images (img_dir).")
+    type: Optional[str] = spec_field(None, description="Annotation format of the splits that do not name their "
+                                                       "own (TAO's shipped infer.yaml sets it here).",
+                                     enum=DATASET_TYPES, nullable=True)
+    pin_memory: bool = spec_field(True, description="Page-locked host memory for batches.",
+                                  no_effect="batches are pinned whenever they go to a CUDA device.")
     label_map: Optional[str] = spec_field(None, description="JSON list of {id, name, color, isthing} "
                                                             "(label_map.json or label_map_panoptic.json).",
                                           nullable=True, popular=True)

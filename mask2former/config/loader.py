@@ -26,7 +26,7 @@ from .errors import SpecError
 from .experiment import ACTION_SECTIONS, ACTIONS, COMMON_KEYS, ExperimentConfig
 from .model import SWIN_PRESETS, resolve_swin
 from .rules import check_rules
-from .schema import NO_EFFECT, action_schema, dataclass_schema, defaults_for, iter_leaves, secret_keys
+from .schema import NO_EFFECT, action_schema, dataclass_schema, defaults_for, is_section, iter_leaves, secret_keys
 
 Overrides = Union[Mapping[str, Any], Sequence[str], None]
 
@@ -78,7 +78,7 @@ def _all_leaves() -> Dict[str, Dict[str, Any]]:
 
 def _walk_sections(schema: Dict[str, Any], prefix: str, keys: List[str]) -> List[str]:
     for name, sub in schema.get("properties", {}).items():
-        if sub.get("type") == "object":
+        if is_section(sub):
             keys.append(prefix + name)
             _walk_sections(sub, prefix + name + ".", keys)
     return keys
@@ -408,6 +408,7 @@ def _resolve_tree(action: str, spec: Optional[Mapping[str, Any]], overrides: Ove
         if not isinstance(overrides, Mapping):
             overrides = parse_override_words(list(overrides))
         _apply_overrides(action, tree, overrides, seen)
+    _type_from_dataset(tree, seen)
     leaves = _leaves(action)
     for key in seen.not_set:
         if _dotted_get(tree, key) is None and "null" not in _types(leaves[key]):
@@ -418,6 +419,24 @@ def _resolve_tree(action: str, spec: Optional[Mapping[str, Any]], overrides: Ove
     if errors:
         raise _validation_error(action, errors[0])
     return tree
+
+
+def _type_from_dataset(tree: Dict[str, Any], seen: _Collect) -> None:
+    """``dataset.type`` (as TAO's shipped infer.yaml writes it) is the type of the splits that name none."""
+    dataset = tree.get("dataset")
+    if not isinstance(dataset, dict) or not dataset.get("type"):
+        return
+    for split in ("train", "val", "test"):
+        if f"dataset.{split}.type" not in seen.given:
+            dataset.setdefault(split, {})["type"] = dataset["type"]
+
+
+def _batch_from_dataset(config: ExperimentConfig) -> None:
+    """evaluate/inference ``batch_size: -1`` (TAO's default) takes the batch size of the split they read."""
+    if config.evaluate.batch_size == -1:
+        config.evaluate.batch_size = config.dataset.val.batch_size
+    if config.inference.batch_size == -1:
+        config.inference.batch_size = config.dataset.test.batch_size
 
 
 def _dotted_get(tree: Mapping[str, Any], key: str) -> Any:
@@ -448,6 +467,7 @@ def resolve_spec(action: str, spec_path: Optional[Union[str, Path]] = None,
     tree = _resolve_tree(action, base, overrides, seen)
     config = _from_dict(ExperimentConfig, tree)
     resolve_swin(config.model.backbone.swin)
+    _batch_from_dataset(config)
     check_rules(action, config)
     notes = [f"{key}: {NO_EFFECT[key]}" for key in dict.fromkeys(seen.given) if key in NO_EFFECT]
     return Resolution(config=config, unused=seen.unused, notes=notes)

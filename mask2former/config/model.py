@@ -52,6 +52,15 @@ class SwinConfig:
                                         minimum=32)
     use_checkpoint: bool = spec_field(False, description="Activation checkpointing in the Swin blocks (saves memory, "
                                                          "costs about a third more compute).")
+    qk_scale: Optional[float] = spec_field(None, description="Attention scale (null: head_dim ** -0.5, the only "
+                                                             "value implemented).", nullable=True)
+    drop_rate: float = spec_field(0.0, description="Dropout after patch embedding and in the MLPs (0 is the only "
+                                                   "value implemented).", minimum=0, maximum=1)
+    attn_drop_rate: float = spec_field(0.0, description="Dropout on attention weights (0 is the only value "
+                                                        "implemented).", minimum=0, maximum=1)
+    out_indices: List[int] = spec_field([0, 1, 2, 3], description="Stages whose outputs are passed on (all four "
+                                                                  "are needed by the decoder).", min_items=4,
+                                        max_items=4, enum=[0, 1, 2, 3])
 
 
 @dataclass
@@ -116,6 +125,8 @@ class MaskFormerConfig:
 
 @dataclass
 class ModelConfig:
+    export: bool = spec_field(False, description="TAO's export-mode switch of the network.",
+                              no_effect="export builds its own traced network.")
     mode: str = spec_field("panoptic", description="Segmentation task.", enum=["panoptic", "instance", "semantic"],
                            popular=True)
     object_mask_threshold: float = spec_field(0.4, description="Panoptic: minimum query score kept.", minimum=0,

@@ -22,6 +22,17 @@ def _one_of(section: str, cfg: object, names: List[str], required: bool) -> None
 def _check_model(config: ExperimentConfig) -> None:
     model = config.model
     swin = model.backbone.swin
+    if swin.qk_scale is not None:
+        raise SpecError(f"model.backbone.swin.qk_scale {swin.qk_scale} is not implemented: the Swin attention here "
+                        "scales by head_dim ** -0.5 (TAO's default, qk_scale null).")
+    for key in ("drop_rate", "attn_drop_rate"):
+        if getattr(swin, key):
+            raise SpecError(f"model.backbone.swin.{key} {getattr(swin, key)} is not implemented: the Swin blocks "
+                            f"here have no such dropout (TAO's default, 0.0, is accepted); regularise with "
+                            "model.backbone.swin.drop_path_rate.")
+    if sorted(swin.out_indices) != [0, 1, 2, 3]:
+        raise SpecError(f"model.backbone.swin.out_indices {swin.out_indices} is refused: the pixel decoder needs "
+                        "all four stages, [0, 1, 2, 3] (TAO's default).")
     for stage, heads in enumerate(swin.num_heads):
         dim = swin.embed_dim * 2 ** stage
         if dim % heads:
@@ -36,6 +47,15 @@ def _check_model(config: ExperimentConfig) -> None:
     if model.sem_seg_head.convs_dim % mf.nheads:
         raise SpecError(f"model.sem_seg_head.convs_dim = {model.sem_seg_head.convs_dim} must be a multiple of "
                         f"model.mask_former.nheads = {mf.nheads} (the deformable encoder's attention heads).")
+
+
+def _check_target_size(config: ExperimentConfig) -> None:
+    for split in ("train", "val", "test"):
+        size = getattr(config.dataset, split).target_size
+        if size:
+            raise SpecError(f"dataset.{split}.target_size {size} is not implemented: TAO stretches every image to a "
+                            "fixed size; here images are resized by dataset.augmentation (train_min_size, "
+                            "test_min_size, ...), which keeps their aspect ratio. Leave it [] (TAO's default).")
 
 
 def _check_pixel_scale(config: ExperimentConfig) -> None:
@@ -138,8 +158,17 @@ def _check_trt(config: ExperimentConfig) -> None:
         raise SpecError("gen_trt_engine.onnx_file is not set (the ONNX model to build the engine from).")
 
 
+_QUANTIZE_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
 def _check_quantize(config: ExperimentConfig) -> None:
     q = config.quantize
+    if not _QUANTIZE_DEVICE.fullmatch(q.device):
+        raise SpecError(f"quantize.device {q.device!r} must read cpu, cuda or cuda:N (a GPU index).")
+    if q.backend_kwargs:
+        raise SpecError(f"quantize.backend_kwargs {sorted(q.backend_kwargs)} is not implemented: the backends take "
+                        "their settings from quantize.mode, quantize.algorithm and quantize.layers here; leave it {} "
+                        "(TAO's default).")
     if not q.model_path:
         raise SpecError("quantize.model_path is not set (the checkpoint to quantize).")
     if q.backend == "torchao" and q.mode != "weight_only_ptq":
@@ -167,6 +196,7 @@ def check_rules(action: str, config: ExperimentConfig) -> None:
         _check_model(config)
     if "dataset" in _sections(action):
         _check_pixel_scale(config)
+        _check_target_size(config)
     if action == "train":
         _check_train(config)
     elif action == "evaluate":

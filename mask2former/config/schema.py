@@ -26,6 +26,8 @@ def _value_schema(tp: Any, meta: Dict[str, Any]) -> Dict[str, Any]:
     """Schema of one value (no metadata), with bounds on scalars or list items."""
     if dataclasses.is_dataclass(tp):
         return dataclass_schema(tp)
+    if typing.get_origin(tp) is dict:
+        return {"type": "object", "additionalProperties": True}  # a free mapping: one value, not a section
     if typing.get_origin(tp) in (list, List):
         (item_tp,) = typing.get_args(tp)
         schema: Dict[str, Any] = {"type": "array", "items": _value_schema(item_tp, meta)}
@@ -138,11 +140,16 @@ def _no_effect_keys(cls: type = ExperimentConfig, prefix: str = "") -> Dict[str,
 NO_EFFECT: Dict[str, str] = _no_effect_keys()
 
 
+def is_section(schema: Dict[str, Any]) -> bool:
+    """Whether a property's schema is a section of keys (a free mapping such as backend_kwargs is a value)."""
+    return schema.get("type") == "object" and "properties" in schema
+
+
 def iter_leaves(schema: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Dict[str, Any]]]:
     """(dotted key, leaf schema) for every key that holds a value (lists of objects count as leaves)."""
     for name, sub in schema.get("properties", {}).items():
         key = f"{prefix}{name}"
-        if sub.get("type") == "object":
+        if is_section(sub):
             yield from iter_leaves(sub, key + ".")
         else:
             yield key, sub

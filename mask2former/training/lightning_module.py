@@ -127,6 +127,8 @@ class Mask2FormerModule(pl.LightningModule):
         optimizer = build_optimizer(self.model, optim_cfg, fused=fused)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total_steps // max(1, int(self.trainer.max_epochs)))
+        if self.config.train.iters_per_epoch:  # TAO's WarmupPoly length: iters_per_epoch * num_epochs steps
+            total_steps = self.config.train.iters_per_epoch * self.config.train.num_epochs
         scheduler = build_scheduler(optimizer, optim_cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
@@ -138,11 +140,16 @@ class Mask2FormerModule(pl.LightningModule):
         gradients, so it clips through the sharded root module, which computes the norm over all shards."""
         if not gradient_clip_val:
             return
+        norm_type = float(self.config.train.clip_grad_norm_type)
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val, norm_type=norm_type)
             return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                            gradient_clip_algorithm=gradient_clip_algorithm)
+        if norm_type == 2.0:
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                                gradient_clip_algorithm=gradient_clip_algorithm)
+            return
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val, norm_type=norm_type)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
