@@ -125,7 +125,7 @@ def run_action(action: str, spec: Optional[str], overrides: List[str], results_d
     folder = job_folder(action, config, results_dir)
     other = results_owner(folder)
     if other not in (None, action):
-        print(f"error: the results folder {folder} holds a {other} job; {action} would overwrite its "
+        print(f"error: the results folder {folder} holds a job of {other}; {action} would overwrite its "
               f"experiment.yaml, status.json and metrics.json. Give {action} its own folder ({action}.results_dir, "
               "or results_dir, under which each action writes to <results_dir>/<action>).", file=sys.stderr)
         return EXIT_USAGE

@@ -460,9 +460,9 @@ def resolve_spec(action: str, spec_path: Optional[Union[str, Path]] = None,
     Order: the action's template defaults, the YAML file at ``spec_path`` (or the ``spec`` mapping),
     then ``overrides`` (a mapping of dotted keys, or ``key=value`` words). Raises :class:`SpecError`.
     """
-    base = read_spec_file(spec_path) if spec_path is not None else {}
+    base = _with_recorded_keys(read_spec_file(spec_path) if spec_path is not None else {})
     if spec:
-        base = _deep_merge(base, spec)
+        base = _deep_merge(base, _with_recorded_keys(spec))
     seen = _Collect()
     tree = _resolve_tree(action, base, overrides, seen)
     config = _from_dict(ExperimentConfig, tree)
@@ -477,6 +477,19 @@ def load_spec(action: str, spec_path: Optional[Union[str, Path]] = None,
               overrides: Overrides = None, spec: Optional[Mapping[str, Any]] = None) -> ExperimentConfig:
     """The typed config of :func:`resolve_spec` alone."""
     return resolve_spec(action, spec_path=spec_path, overrides=overrides, spec=spec).config
+
+
+def _with_recorded_keys(spec: Mapping[str, Any]) -> Dict[str, Any]:
+    """A spec with the keys an experiment.yaml recorded as not used by its action put back in their sections, so
+    an experiment.yaml serves every action as the spec it came from did."""
+    spec = dict(spec)
+    recorded = spec.pop(UNUSED_RECORD_KEY, None)
+    if not isinstance(recorded, Mapping):
+        return spec
+    nested: Dict[str, Any] = {}
+    for key, value in recorded.items():
+        _set_dotted(nested, str(key), value)
+    return _deep_merge(nested, spec)
 
 
 def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, Any]:
