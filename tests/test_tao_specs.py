@@ -240,3 +240,43 @@ def test_a_folder_of_another_action_is_never_overwritten(tmp_path, capsys):
                  f"dataset.test.img_dir={tmp_path}"])
     assert code == 2 and "holds a job of evaluate" in capsys.readouterr().err
     assert (folder / "experiment.yaml").read_text() == before
+
+
+TINY = ["model.backbone.pretrained_weights=null", "model.backbone.swin.embed_dim=32",
+        "model.backbone.swin.depths=[1,1,1,1]", "model.backbone.swin.num_heads=[1,2,4,8]",
+        "model.backbone.swin.window_size=4", "model.backbone.swin.drop_path_rate=0.0",
+        "model.sem_seg_head.num_classes=13", "model.sem_seg_head.convs_dim=32", "model.sem_seg_head.mask_dim=32",
+        "model.sem_seg_head.transformer_enc_layers=1", "model.mask_former.num_object_queries=10",
+        "model.mask_former.hidden_dim=32", "model.mask_former.nheads=4", "model.mask_former.dim_feedforward=64",
+        "model.mask_former.dec_layers=3", "model.mask_former.train_num_points=256",
+        "dataset.augmentation.train_min_size=[64]", "dataset.augmentation.train_max_size=128",
+        "dataset.augmentation.train_crop_size=[64,64]", "dataset.augmentation.test_min_size=64",
+        "dataset.augmentation.test_max_size=128", "dataset.train.num_workers=0", "dataset.val.num_workers=0"]
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_from_taos_coco_spec_leave_both_folders_intact_and_log_to_wandb_offline(
+        tmp_path, monkeypatch, caplog):
+    from mask2former import results
+    from mask2former.data.synthetic import generate
+
+    generate(tmp_path / "data", dataset_format="coco_panoptic", num_images=2, size=64, seed=0, val_images=1)
+    spec = _write_spec("spec_coco.yaml", tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
+    with caplog.at_level("INFO", logger="mask2former"):
+        assert main(["train", "-e", str(spec), *TINY, "train.num_epochs=1", "train.precision=fp32",
+                     "wandb.enable=true"]) == 0
+    assert any("not used by train: inference.checkpoint, evaluate.checkpoint" in r.getMessage()
+               for r in caplog.records)
+    train_dir, evaluate_dir = tmp_path / "results" / "train", tmp_path / "results" / "evaluate"
+    train_files = {p.name: p.read_bytes() for p in train_dir.iterdir() if p.is_file()}
+    assert "metrics.json" in train_files and list(train_dir.glob("*.pth"))
+    assert list((train_dir / "logs" / "wandb").rglob("offline-run-*"))  # W&B's offline run beside the other logs
+
+    assert main(["evaluate", "-e", str(spec), *TINY, f"evaluate.checkpoint={train_dir}"]) == 0
+    assert results.read_metrics(evaluate_dir)["num_images"] == 1
+    assert {p.name: p.read_bytes() for p in train_dir.iterdir() if p.is_file()} == train_files
+    assert yaml.safe_load((train_dir / "experiment.yaml").read_text())["train"]["num_epochs"] == 1
+    assert "evaluate" in yaml.safe_load((evaluate_dir / "experiment.yaml").read_text())
