@@ -119,7 +119,7 @@ def run_action(action: str, spec: Optional[str], overrides: List[str], results_d
     if line:
         log.info(line)
     for note in resolution.notes:
-        log.info("no effect: %s", note)
+        log.info("%s", note)
     # a key in the environment keeps it off command lines, spec files and process listings
     config.encryption_key = config.encryption_key or key_from_environment()
     folder = job_folder(action, config, results_dir)

@@ -43,7 +43,7 @@ class Resolution:
 
     config: ExperimentConfig
     unused: Dict[str, Any]  # dotted key -> value given, for keys of sections this action does not read
-    notes: List[str]  # one sentence per key given that has no effect here
+    notes: List[str]  # one sentence per value replaced by a preset and per key given that has no effect here
 
 
 class _Collect:
@@ -466,10 +466,13 @@ def resolve_spec(action: str, spec_path: Optional[Union[str, Path]] = None,
     seen = _Collect()
     tree = _resolve_tree(action, base, overrides, seen)
     config = _from_dict(ExperimentConfig, tree)
-    resolve_swin(config.model.backbone.swin)
+    try:
+        replaced = resolve_swin(config.model.backbone.swin, preset_wins="model.backbone.swin.type" in seen.given)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
     _batch_from_dataset(config)
     check_rules(action, config)
-    notes = [f"{key}: {NO_EFFECT[key]}" for key in dict.fromkeys(seen.given) if key in NO_EFFECT]
+    notes = replaced + [f"{key} has no effect here: {NO_EFFECT[key]}" for key in dict.fromkeys(seen.given) if key in NO_EFFECT]
     return Resolution(config=config, unused=seen.unused, notes=notes)
 
 
