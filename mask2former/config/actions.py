@@ -67,7 +67,9 @@ class ExportConfig:
     parity_tolerance: float = spec_field(1e-3, description="Largest allowed max-abs difference between "
                                                            "onnxruntime and PyTorch mask logits.", exclusive_minimum=0)
     gpu_id: int = spec_field(0, description="GPU that traces the model when on_cpu is false.", minimum=0)
-    verbose: bool = spec_field(False, description="Print the traced graph while exporting.")
+    verbose: bool = spec_field(False, description="TAO: print the traced graph while exporting.",
+                               no_effect="export reports the graph's inputs, outputs and parity in "
+                                         "export_report.json.")
     results_dir: Optional[str] = spec_field(
         None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
                           "<results_dir>/export (--results-dir and the operators name the job folder exactly).",
@@ -130,8 +132,11 @@ class GenTrtEngineConfig:
                                              nullable=True)
     batch_size: int = spec_field(-1, description="Batch size of the parity check inputs (-1: opt_batch_size).",
                                  minimum=-1)
-    gpu_id: int = spec_field(0, description="GPU that builds the engine.", minimum=0)
-    verbose: bool = spec_field(False, description="TensorRT builder log at verbose level.")
+    gpu_id: int = spec_field(0, description="TAO: the GPU that builds the engine.", minimum=0,
+                             no_effect="the engine is built on the first visible GPU (select it with "
+                                       "CUDA_VISIBLE_DEVICES).")
+    verbose: bool = spec_field(False, description="TAO: TensorRT builder log at verbose level.",
+                               no_effect="the builder logs warnings and errors.")
     results_dir: Optional[str] = spec_field(
         None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
                           "<results_dir>/gen_trt_engine (--results-dir and the operators name the job folder exactly).",
