@@ -192,14 +192,37 @@ def test_taos_batch_size_minus_one_takes_the_splits_batch_size():
 
 
 def test_unimplemented_tao_values_are_refused_with_a_sentence():
-    cases = [("train", "model.backbone.swin.attn_drop_rate", 0.1, "not implemented"),
-             ("train", "model.backbone.swin.qk_scale", 0.5, "not implemented"),
-             ("train", "dataset.train.target_size", [640, 640], "not implemented"),
+    cases = [("train", "dataset.train.target_size", [640, 640], "not implemented"),
+             ("train", "model.backbone.swin.out_indices", [1, 2, 3], "needs all four stages"),
+             ("quantize", "quantize.backend_kwargs", {"x": 1}, "not implemented"),
              ("quantize", "quantize.device", "gpu", "cpu, cuda or cuda:N")]
     for action, key, value, fragment in cases:
         with pytest.raises(SpecError, match=re.escape(key) + ".*" + re.escape(fragment)):
             load_spec(action, overrides={**BASE[action], key: value})
     assert load_spec("quantize", overrides={**BASE["quantize"], "quantize.device": "cuda:1"}).quantize.device == "cuda:1"
+
+
+def test_swin_qk_scale_and_dropouts_act_as_in_tao():
+    import torch
+
+    from mask2former.model.builder import build_backbone
+
+    def backbone(**extra):
+        torch.manual_seed(0)
+        return build_backbone(type=None, embed_dim=16, depths=[2, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=4,
+                              drop_path_rate=0.0, **extra)
+
+    images = torch.randn(1, 3, 64, 64)
+    plain = backbone().eval()
+    dropping = backbone(drop_rate=0.5, attn_drop_rate=0.5)
+    assert set(dropping.state_dict()) == set(plain.state_dict())  # no weights: checkpoints load either way
+    with torch.no_grad():
+        reference = plain(images)["res5"]
+        assert torch.equal(dropping.eval()(images)["res5"], reference)  # dropout acts in training only
+        assert not torch.allclose(dropping.train()(images)["res5"], reference)
+        default_scale = backbone(qk_scale=None).eval()(images)["res5"]
+        assert torch.equal(default_scale, reference)
+        assert not torch.allclose(backbone(qk_scale=1.0).eval()(images)["res5"], reference)
 
 
 def _evaluate_words(tmp_path: Path) -> List[str]:

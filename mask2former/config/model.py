@@ -54,15 +54,15 @@ class SwinConfig:
                                         minimum=32)
     use_checkpoint: bool = spec_field(False, description="Activation checkpointing in the Swin blocks (saves memory, "
                                                          "costs about a third more compute).")
-    qk_scale: Optional[float] = spec_field(None, description="Attention scale (null: head_dim ** -0.5, the only "
-                                                             "value implemented).", nullable=True)
-    drop_rate: float = spec_field(0.0, description="Dropout after patch embedding and in the MLPs (0 is the only "
-                                                   "value implemented).", minimum=0, maximum=1)
-    attn_drop_rate: float = spec_field(0.0, description="Dropout on attention weights (0 is the only value "
-                                                        "implemented).", minimum=0, maximum=1)
+    qk_scale: Optional[float] = spec_field(None, description="Scale of the attention logits (null: "
+                                                             "head_dim ** -0.5).", nullable=True,
+                                           exclusive_minimum=0)
+    drop_rate: float = spec_field(0.0, description="Dropout after the patch embedding, the attention projection "
+                                                   "and the MLP layers (training only).", minimum=0, maximum=1)
+    attn_drop_rate: float = spec_field(0.0, description="Dropout on the attention weights (training only).",
+                                       minimum=0, maximum=1)
     out_indices: List[int] = spec_field([0, 1, 2, 3], description="Stages whose outputs are passed on (all four "
-                                                                  "are needed by the decoder).", min_items=4,
-                                        max_items=4, enum=[0, 1, 2, 3])
+                                                                  "are needed by the decoder).", enum=[0, 1, 2, 3])
 
 
 @dataclass

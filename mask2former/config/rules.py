@@ -22,14 +22,6 @@ def _one_of(section: str, cfg: object, names: List[str], required: bool) -> None
 def _check_model(config: ExperimentConfig) -> None:
     model = config.model
     swin = model.backbone.swin
-    if swin.qk_scale is not None:
-        raise SpecError(f"model.backbone.swin.qk_scale {swin.qk_scale} is not implemented: the Swin attention here "
-                        "scales by head_dim ** -0.5 (TAO's default, qk_scale null).")
-    for key in ("drop_rate", "attn_drop_rate"):
-        if getattr(swin, key):
-            raise SpecError(f"model.backbone.swin.{key} {getattr(swin, key)} is not implemented: the Swin blocks "
-                            f"here have no such dropout (TAO's default, 0.0, is accepted); regularise with "
-                            "model.backbone.swin.drop_path_rate.")
     if sorted(swin.out_indices) != [0, 1, 2, 3]:
         raise SpecError(f"model.backbone.swin.out_indices {swin.out_indices} is refused: the pixel decoder needs "
                         "all four stages, [0, 1, 2, 3] (TAO's default).")
