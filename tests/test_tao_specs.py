@@ -193,6 +193,8 @@ def test_taos_batch_size_minus_one_takes_the_splits_batch_size():
 
 def test_unimplemented_tao_values_are_refused_with_a_sentence():
     cases = [("train", "dataset.train.target_size", [640, 640], "not implemented"),
+             ("quantize", "quantize.algorithm", "awq_lite", "is a TAO value that is not implemented here"),
+             ("quantize", "quantize.device", "trt", "is a TAO value that is not implemented here"),
              ("train", "model.backbone.swin.out_indices", [1, 2, 3], "needs all four stages"),
              ("quantize", "quantize.backend_kwargs", {"x": 1}, "not implemented"),
              ("quantize", "quantize.device", "gpu", "cpu, cuda or cuda:N")]
@@ -293,19 +295,23 @@ TINY = ["model.backbone.pretrained_weights=null", "model.backbone.swin.type=cust
 
 
 @pytest.mark.slow
-def test_train_then_evaluate_from_taos_coco_spec_leave_both_folders_intact_and_log_to_wandb_offline(
+def test_a_dry_run_then_train_then_evaluate_from_taos_coco_spec_leave_both_folders_intact(
         tmp_path, monkeypatch, caplog):
     from mask2former import results
     from mask2former.data.synthetic import generate
 
     generate(tmp_path / "data", dataset_format="coco_panoptic", num_images=2, size=64, seed=0, val_images=1)
     spec = _write_spec("spec_coco.yaml", tmp_path)
+    # train.is_dry_run: one training and one validation batch check the spec and data, and write no model
+    assert main(["train", "-e", str(spec), *TINY, "train.precision=fp32", "train.is_dry_run=true",
+                 "--results-dir", str(tmp_path / "dry")]) == 0
+    assert not list((tmp_path / "dry").glob("*.pth"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
     with caplog.at_level("INFO", logger="mask2former"):
         assert main(["train", "-e", str(spec), *TINY, "train.num_epochs=1", "train.precision=fp32",
-                     "wandb.enable=true"]) == 0
+                     "wandb.enable=true", "train.clip_grad_type=norm", "train.clip_grad_norm_type=inf"]) == 0
     assert any("not used by train: inference.checkpoint, evaluate.checkpoint" in r.getMessage()
                for r in caplog.records)
     train_dir, evaluate_dir = tmp_path / "results" / "train", tmp_path / "results" / "evaluate"

@@ -79,6 +79,13 @@ class ExportConfig:
 @dataclass
 class QuantizeLayerDtype:
     dtype: str = spec_field("int8", description="Data type.", enum=["int8", "fp8_e4m3fn", "fp8_e5m2", "native"])
+    observer_or_fake_quant: str = spec_field("", description="TAO: observer of the statistics. Accepted for TAO "
+                                                             "spec files; the backends here choose their own.")
+    quant_axis: Optional[int] = spec_field(None, description="TAO: per-channel axis. Accepted for TAO spec "
+                                                             "files; the backends here choose their own.",
+                                           nullable=True)
+    observer_or_fake_quant_kwargs: Dict[str, Any] = spec_field({}, description="TAO: observer settings. Accepted "
+                                                                               "for TAO spec files.")
 
 
 @dataclass
@@ -95,8 +102,11 @@ class QuantizeConfig:
                               enum=["torchao", "modelopt.pytorch", "modelopt.onnx"])
     mode: str = spec_field("weight_only_ptq", description="Weight-only or static (calibrated) post-training "
                                                           "quantization.", enum=["weight_only_ptq", "static_ptq"])
-    algorithm: str = spec_field("minmax", description="Calibration algorithm (static_ptq).",
-                                enum=["minmax", "max", "entropy"])
+    algorithm: str = spec_field(
+        "minmax", description="Calibration algorithm (static_ptq).", enum=["minmax", "max", "entropy"],
+        unimplemented={name: "AWQ and RTN-DQ are ModelOpt's weight-only algorithms for language models; "
+                             "quantize here calibrates with minmax, max or entropy."
+                       for name in ("awq_clip", "awq_lite", "awq_full", "rtn_dq")})
     layers: List[QuantizeLayer] = spec_field([], description="Per-module data types; empty: int8 for every "
                                                              "Linear and Conv layer.")
     skip_names: List[str] = spec_field([], description="Module-name patterns left in full precision.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 _MISSING = dataclasses.MISSING
 
@@ -37,6 +37,7 @@ def spec_field(
     nullable: bool = False,
     secret: bool = False,
     no_effect: Optional[str] = None,
+    unimplemented: Optional[Dict[str, str]] = None,
 ) -> Any:
     """A dataclass field carrying the spec metadata.
 
@@ -47,6 +48,8 @@ def spec_field(
     shapes AutoML samples; ``multiple_of`` is a hard rule checked on every spec. ``secret`` keys
     are never written to experiment.yaml, logs or XCom. ``no_effect`` marks a key accepted for TAO spec
     files that does nothing here; the sentence says why, and the log repeats it when a spec sets the key.
+    ``unimplemented`` maps values TAO accepts but this tool does not implement to the reason given when a
+    spec uses one.
     """
     if option_weights is not None and (enum is None or len(option_weights) != len(enum)):
         raise ValueError(f"option_weights for {description!r} needs one weight per enum value")
@@ -70,6 +73,7 @@ def spec_field(
         "nullable": nullable,
         "secret": secret,
         "no_effect": no_effect,
+        "unimplemented": dict(unimplemented) if unimplemented else None,
     }
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)

@@ -26,7 +26,7 @@ from .errors import SpecError
 from .experiment import ACTION_SECTIONS, ACTIONS, COMMON_KEYS, ExperimentConfig
 from .model import SWIN_PRESETS, resolve_swin
 from .rules import check_rules
-from .schema import NO_EFFECT, action_schema, dataclass_schema, defaults_for, is_section, iter_leaves, secret_keys
+from .schema import NO_EFFECT, UNIMPLEMENTED, action_schema, dataclass_schema, defaults_for, is_section, iter_leaves, secret_keys
 
 Overrides = Union[Mapping[str, Any], Sequence[str], None]
 
@@ -201,7 +201,11 @@ def _leaf_value(key: str, value: Any, leaf: Dict[str, Any], seen: _Collect) -> A
     if value == NOT_SET:
         seen.not_set.append(key)
         return None
-    return _coerce(copy.deepcopy(value), leaf)
+    value = _coerce(copy.deepcopy(value), leaf)
+    refused = UNIMPLEMENTED.get(key, {})
+    if isinstance(value, str) and value.lower() in refused:
+        raise SpecError(f"{key} {value} is a TAO value that is not implemented here: {refused[value.lower()]}")
+    return value
 
 
 def _merge_mapping(action: str, base: Dict[str, Any], incoming: Mapping[str, Any], prefix: str, source: str,

@@ -125,6 +125,9 @@ def _check_train(config: ExperimentConfig) -> None:
     train = config.train
     _check_digest("train.pretrained_model_sha256", train.pretrained_model_sha256, "train.pretrained_model_path",
                   train.pretrained_model_path)
+    if train.distributed_strategy == "fsdp" and train.clip_grad_type != "full":
+        raise SpecError("train.clip_grad_type norm clips each parameter's gradient, which FSDP shards across "
+                        "devices: use clip_grad_type full with distributed_strategy fsdp.")
     if train.distributed_strategy == "fsdp" and train.precision == "fp32":
         raise SpecError("train.distributed_strategy fsdp needs train.precision fp16 or bf16 (got fp32).")
     if len(train.gpu_ids) < train.num_gpus:
@@ -155,6 +158,9 @@ _QUANTIZE_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 def _check_quantize(config: ExperimentConfig) -> None:
     q = config.quantize
+    if q.device == "trt":
+        raise SpecError("quantize.device trt is a TAO value that is not implemented here: calibration runs on cpu "
+                        "or cuda (gen_trt_engine builds TensorRT engines).")
     if not _QUANTIZE_DEVICE.fullmatch(q.device):
         raise SpecError(f"quantize.device {q.device!r} must read cpu, cuda or cuda:N (a GPU index).")
     if q.backend_kwargs:

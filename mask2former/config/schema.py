@@ -125,19 +125,22 @@ def secret_keys(cls: type = ExperimentConfig, prefix: str = "") -> List[str]:
     return keys
 
 
-def _no_effect_keys(cls: type = ExperimentConfig, prefix: str = "") -> Dict[str, str]:
+def _keys_with(meta_key: str, cls: type = ExperimentConfig, prefix: str = "") -> Dict[str, Any]:
+    """Dotted key -> the ``meta_key`` metadata of every field that sets it."""
     found = {}
     for field in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(typing.get_type_hints(cls)[field.name])
-        if field.metadata.get("no_effect"):
-            found[prefix + field.name] = field.metadata["no_effect"]
+        if field.metadata.get(meta_key):
+            found[prefix + field.name] = field.metadata[meta_key]
         elif dataclasses.is_dataclass(tp):
-            found.update(_no_effect_keys(tp, f"{prefix}{field.name}."))
+            found.update(_keys_with(meta_key, tp, f"{prefix}{field.name}."))
     return found
 
 
 # Dotted key -> why the key, accepted for TAO spec files, has no effect here.
-NO_EFFECT: Dict[str, str] = _no_effect_keys()
+NO_EFFECT: Dict[str, str] = _keys_with("no_effect")
+# Dotted key -> {TAO value not implemented here: why}.
+UNIMPLEMENTED: Dict[str, Dict[str, str]] = _keys_with("unimplemented")
 
 
 def is_section(schema: Dict[str, Any]) -> bool:

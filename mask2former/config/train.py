@@ -72,11 +72,13 @@ class TrainConfig:
                           "differs is refused.", nullable=True)
     freeze: List[str] = spec_field([], description="Parameter-name prefixes to freeze, e.g. ['backbone'].")
     clip_grad_norm: float = spec_field(0.1, description="Clip the global gradient norm (0: off).", minimum=0)
-    clip_grad_norm_type: float = spec_field(2.0, description="Norm of the gradient clipping: 2.0 (Euclidean), "
-                                                             "another p, or inf (largest absolute value).",
+    clip_grad_norm_type: float = spec_field(2.0, description="Norm of the per-parameter clipping of "
+                                                             "clip_grad_type norm: 2.0, another p, or inf.",
                                             exclusive_minimum=0)
-    clip_grad_type: str = spec_field("full", description="Clip the norm over all parameters together, as TAO's "
-                                                         "'full' (the only type implemented).", enum=["full"])
+    clip_grad_type: str = spec_field("full", description="full: clip the L2 norm of all gradients together; "
+                                                         "norm: then also each parameter's gradient by its "
+                                                         "clip_grad_norm_type norm (as TAO does for any type other "
+                                                         "than full).", enum=["full", "norm"])
     is_dry_run: bool = spec_field(False, description="Run one training and one validation batch to check the spec "
                                                      "and data (Lightning's fast_dev_run), writing no checkpoint.")
     activation_checkpoint: bool = spec_field(

@@ -136,20 +136,23 @@ class Mask2FormerModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: Optional[float] = None,
                                     gradient_clip_algorithm: Optional[str] = None) -> None:
-        """Clip the global gradient norm once per optimizer step (Trainer gradient_clip_val); FSDP shards
-        gradients, so it clips through the sharded root module, which computes the norm over all shards."""
+        """Clip the global L2 gradient norm once per optimizer step (Trainer gradient_clip_val), then, for
+        ``train.clip_grad_type: norm``, each parameter's gradient by its ``clip_grad_norm_type`` norm, as TAO
+        does. FSDP shards gradients, so it clips through the sharded root module, which computes the norm over
+        all shards."""
         if not gradient_clip_val:
             return
-        norm_type = float(self.config.train.clip_grad_norm_type)
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val, norm_type=norm_type)
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
-        if norm_type == 2.0:
-            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                                gradient_clip_algorithm=gradient_clip_algorithm)
-            return
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val, norm_type=norm_type)
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+        if self.config.train.clip_grad_type == "norm":  # TAO's per-parameter clipping, after the global one
+            norm_type = float(self.config.train.clip_grad_norm_type)
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    if parameter.grad is not None:
+                        torch.nn.utils.clip_grad_norm_([parameter], gradient_clip_val, norm_type=norm_type)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
