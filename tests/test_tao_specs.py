@@ -163,7 +163,8 @@ def test_a_key_in_no_section_is_refused_with_the_nearest_keys_from_every_section
 def test_pixel_statistics_on_the_0_255_scale_are_refused_naming_the_key_and_the_scale():
     config = load_spec("train", overrides=BASE["train"])
     assert config.dataset.pixel_mean == [0.485, 0.456, 0.406] and config.dataset.pixel_std == [0.229, 0.224, 0.225]
-    for key, value in (("dataset.pixel_mean", [123.675, 116.28, 103.53]), ("dataset.pixel_std", [58.395, 57.12, 57.375])):
+    for key, value in (("dataset.pixel_mean", [123.675, 116.28, 103.53]),
+                       ("dataset.pixel_std", [58.395, 57.12, 57.375])):
         with pytest.raises(SpecError, match=re.escape(key) + r" .* is above 1: it is on TAO's 0\.\.1 scale"):
             load_spec("evaluate", overrides={**BASE["evaluate"], key: value})
 
@@ -180,7 +181,8 @@ def test_a_swin_preset_named_in_the_spec_fixes_the_architecture_and_custom_keeps
     assert (swin.embed_dim, swin.depths, swin.num_heads) == (96, [2, 2, 6, 2], [3, 6, 12, 24])
     with pytest.raises(SpecError, match="custom uses explicit values, but model.backbone.swin.depths is not set"):
         load_spec("export", overrides={"export.checkpoint": "/m.pth", "model.backbone.swin.type": "custom",
-                                       "model.backbone.swin.embed_dim": 32, "model.backbone.swin.num_heads": [1, 2, 4, 8]})
+                                       "model.backbone.swin.embed_dim": 32,
+                                       "model.backbone.swin.num_heads": [1, 2, 4, 8]})
 
 
 def test_taos_batch_size_minus_one_takes_the_splits_batch_size():
@@ -201,7 +203,8 @@ def test_unimplemented_tao_values_are_refused_with_a_sentence():
     for action, key, value, fragment in cases:
         with pytest.raises(SpecError, match=re.escape(key) + ".*" + re.escape(fragment)):
             load_spec(action, overrides={**BASE[action], key: value})
-    assert load_spec("quantize", overrides={**BASE["quantize"], "quantize.device": "cuda:1"}).quantize.device == "cuda:1"
+    config = load_spec("quantize", overrides={**BASE["quantize"], "quantize.device": "cuda:1"})
+    assert config.quantize.device == "cuda:1"
 
 
 def test_swin_qk_scale_and_dropouts_act_as_in_tao():

@@ -63,7 +63,7 @@ class ExportConfig:
     input_height: int = spec_field(544, description="Input height (multiple of 32).", minimum=32, math_cond="/ 32", multiple_of=32)
     input_channel: int = spec_field(3, description="Input channels.", enum=[3])
     batch_size: int = spec_field(-1, description="Batch size; -1 exports a dynamic batch axis.", minimum=-1)
-    on_cpu: bool = spec_field(True, description="Trace on the CPU (false: on the first GPU).")
+    on_cpu: bool = spec_field(True, description="Trace on the CPU (false: on GPU gpu_id).")
     parity_tolerance: float = spec_field(1e-3, description="Largest allowed max-abs difference between "
                                                            "onnxruntime and PyTorch mask logits.", exclusive_minimum=0)
     gpu_id: int = spec_field(0, description="GPU that traces the model when on_cpu is false.", minimum=0)

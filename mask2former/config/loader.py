@@ -26,7 +26,8 @@ from .errors import SpecError
 from .experiment import ACTION_SECTIONS, ACTIONS, COMMON_KEYS, ExperimentConfig
 from .model import SWIN_PRESETS, resolve_swin
 from .rules import check_rules
-from .schema import NO_EFFECT, UNIMPLEMENTED, action_schema, dataclass_schema, defaults_for, is_section, iter_leaves, secret_keys
+from .schema import (NO_EFFECT, UNIMPLEMENTED, action_schema, dataclass_schema, defaults_for, is_section, iter_leaves,
+                     secret_keys)
 
 Overrides = Union[Mapping[str, Any], Sequence[str], None]
 
@@ -476,7 +477,8 @@ def resolve_spec(action: str, spec_path: Optional[Union[str, Path]] = None,
         raise SpecError(str(exc)) from None
     _batch_from_dataset(config)
     check_rules(action, config)
-    notes = replaced + [f"{key} has no effect here: {NO_EFFECT[key]}" for key in dict.fromkeys(seen.given) if key in NO_EFFECT]
+    notes = replaced + [f"{key} has no effect here: {NO_EFFECT[key]}" for key in dict.fromkeys(seen.given)
+                        if key in NO_EFFECT]
     return Resolution(config=config, unused=seen.unused, notes=notes)
 
 
@@ -535,6 +537,6 @@ def unused_line(action: str, unused: Mapping[str, Any]) -> Optional[str]:
             + ", ".join(unused))
 
 
-__all__ = ["NOT_SET", "Resolution", "SpecError", "UNUSED_RECORD_KEY", "load_spec", "resolve_spec", "resolve_spec_dict",
-           "unused_line", "parse_override_words", "spec_to_dict", "nearest_keys",
+__all__ = ["NOT_SET", "Resolution", "SpecError", "UNUSED_RECORD_KEY", "load_spec", "resolve_spec",
+           "resolve_spec_dict", "unused_line", "parse_override_words", "spec_to_dict", "nearest_keys",
            "read_spec_file", "SWIN_PRESETS"]
