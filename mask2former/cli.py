@@ -21,10 +21,10 @@ import yaml
 from . import results
 from .actions import available_actions, module_name
 from .actions.job import ActionError, ActionResult, Job
-from .errors import InputFileError
-from .config import ACTIONS, SpecError, load_spec, spec_to_dict
+from .config import ACTIONS, UNUSED_RECORD_KEY, SpecError, resolve_spec, spec_to_dict, unused_line
 from .config.experiment import ACTION_DESCRIPTIONS
 from .crypto import key_from_environment
+from .errors import InputFileError
 from .host_allocator import configure_host_allocator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,22 +83,60 @@ def is_primary_process() -> bool:
     return all(int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "NODE_RANK", "LOCAL_RANK"))
 
 
+def job_folder(action: str, config, results_dir: Optional[str]) -> Path:
+    """The job's folder, as TAO's update_results_dir: ``--results-dir`` (the operators' job folder) exactly, else
+    ``<action>.results_dir``, else ``<results_dir>/<action>``, else a new folder under ./results."""
+    if results_dir:
+        return Path(results_dir)
+    own = getattr(getattr(config, action), "results_dir", None)
+    if own:
+        return Path(own)
+    if config.results_dir:
+        return Path(config.results_dir) / action
+    return results.new_results_dir(Path.cwd() / "results", action)
+
+
+def results_owner(folder: Path) -> Optional[str]:
+    """The action whose job wrote ``folder``'s status.json (its first line reads '<action> started'), or None."""
+    try:
+        lines = results.read_status(folder)
+    except OSError:
+        return None
+    message = str(lines[0].get("message", "")) if lines else ""
+    action = message.split(" ", 1)[0]
+    return action if message.endswith(" started") and action in ACTIONS else None
+
+
 def run_action(action: str, spec: Optional[str], overrides: List[str], results_dir: Optional[str]) -> int:
     log = _configure_logging()
     primary = is_primary_process()
     try:
-        config = load_spec(action, spec_path=spec, overrides=overrides)
+        resolution = resolve_spec(action, spec_path=spec, overrides=overrides)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    config = resolution.config
+    line = unused_line(action, resolution.unused)
+    if line:
+        log.info(line)
+    for note in resolution.notes:
+        log.info("%s", note)
     # a key in the environment keeps it off command lines, spec files and process listings
     config.encryption_key = config.encryption_key or key_from_environment()
-    folder = Path(results_dir or config.results_dir or results.new_results_dir(Path.cwd() / "results", action))
+    folder = job_folder(action, config, results_dir)
+    other = results_owner(folder)
+    if other not in (None, action):
+        print(f"error: the results folder {folder} holds a job of {other}; {action} would overwrite its "
+              f"experiment.yaml, status.json and metrics.json. Give {action} its own folder ({action}.results_dir, "
+              "or results_dir, under which each action writes to <results_dir>/<action>).", file=sys.stderr)
+        return EXIT_USAGE
     config.results_dir = str(folder.resolve())
     folder.mkdir(parents=True, exist_ok=True)
     if primary:
-        results.atomic_write_text(folder / results.EXPERIMENT_FILE,
-                                  yaml.safe_dump(spec_to_dict(action, config), sort_keys=False))
+        record = spec_to_dict(action, config)
+        if resolution.unused:
+            record[UNUSED_RECORD_KEY] = resolution.unused
+        results.atomic_write_text(folder / results.EXPERIMENT_FILE, yaml.safe_dump(record, sort_keys=False))
     status = results.StatusWriter(folder, enabled=primary)
     status.started(f"{action} started")
     signal.signal(signal.SIGTERM, _raise_terminated)

@@ -84,7 +84,7 @@ BAD_OVERRIDES = [
     ({"dataset.augmentation.train_crop_size": [640]}, "dataset.augmentation.train_crop_size", "2 items"),
     ({"model.sem_seg_head.convs_dim": 100}, "model.sem_seg_head.convs_dim", "multiple of 32"),
     ({"train.use_amp": True}, "train.use_amp", "Unknown key"),
-    ({"export.opset_version": 13}, "export", "train does not read it"),
+    ({"exprot.opset_version": 13}, "exprot.opset_version", "export.opset_version"),
 ]
 
 

@@ -24,7 +24,7 @@ from mask2former.data.transforms import EvalTransform
 
 RAW_IDS = {1, 2, 3, 7, 9, 12}
 THING_IDS = {7, 9, 12}
-MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from mask2former.data.transforms import (
     EvalTransform, Normalize, Sample, TrainTransform, category_capped_crop_box, color_jitter, hflip, resize,
     resized_crop, shortest_edge_size)
 
-MEAN = [123.675, 116.28, 103.53]
-STD = [58.395, 57.12, 57.375]
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
 RED, GRAY = np.array([230, 20, 20]), np.array([100, 100, 100])
 
 
@@ -35,7 +35,7 @@ def _train(**overrides):
 
 def _denormalise(image):
     """float32 [3, H, W] normalised -> [H, W, 3] on the 0..255 scale."""
-    return image.transpose(1, 2, 0) * np.array(STD, dtype=np.float32) + np.array(MEAN, dtype=np.float32)
+    return (image.transpose(1, 2, 0) * np.array(STD, dtype=np.float32) + np.array(MEAN, dtype=np.float32)) * 255.0
 
 
 def _erode(mask):
@@ -206,7 +206,21 @@ def test_masks_cropped_away_are_dropped():
     (dict(train_crop_size=[10]), "train_crop_size"),
     (dict(lsj_scale_range=[2.0, 1.0]), "lsj_scale_range"),
     (dict(pixel_std=[1.0, 0.0, 1.0]), "pixel_std"),
+    (dict(pixel_mean=[123.675, 116.28, 103.53]), "0..1 scale"),
 ])
 def test_invalid_settings_name_the_key(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         _train(**kwargs)
+
+
+def test_tao_scale_statistics_give_the_inputs_of_the_former_0_255_statistics():
+    """image / 255 normalised with ImageNet's 0..1 statistics is, to the bit, (image - 255 m) / (255 s) as the
+    0..255 statistics computed it, so imported models and earlier metrics are unchanged."""
+    image = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    out = Normalize(pixel_mean=MEAN, pixel_std=STD)(Sample(image=image)).image
+    former_mean = np.asarray([123.675, 116.28, 103.53], dtype=np.float32)[:, None, None]
+    former_inv_std = (1.0 / np.asarray([58.395, 57.12, 57.375], dtype=np.float32))[:, None, None]
+    former = (image.transpose(2, 0, 1).astype(np.float32) - former_mean) * former_inv_std
+    np.testing.assert_array_equal(out, former)
+    tao = ((image.astype(np.float64) / 255.0 - np.asarray(MEAN)) / np.asarray(STD)).transpose(2, 0, 1)
+    np.testing.assert_allclose(out, tao, atol=1e-5)

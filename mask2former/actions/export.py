@@ -38,13 +38,17 @@ PARITY_BATCHES = 2
 PARITY_SEED = 0
 
 
-def export_device(*, on_cpu: bool) -> torch.device:
+def export_device(*, on_cpu: bool, gpu_id: int = 0) -> torch.device:
+    """The CPU, or GPU ``gpu_id`` (export.gpu_id, as in TAO) when ``on_cpu`` is false."""
     if on_cpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ActionError("export.on_cpu is false, which traces the model on the first CUDA GPU, but this machine "
+        raise ActionError("export.on_cpu is false, which traces the model on a CUDA GPU, but this machine "
                           "has no CUDA GPU: set export.on_cpu to true or run on a GPU machine.")
-    return torch.device("cuda:0")
+    if gpu_id >= torch.cuda.device_count():
+        raise ActionError(f"export.gpu_id is {gpu_id}, but this machine has {torch.cuda.device_count()} CUDA "
+                          "GPU(s).")
+    return torch.device(f"cuda:{gpu_id}")
 
 
 
@@ -98,7 +102,7 @@ def build_report(*, checkpoint: Path, target: Path, graph: ExportedGraph, io: Di
 @reports_resource_failures("export")
 def run(config: Any, job: Job) -> ActionResult:
     cfg = config.export
-    device = export_device(on_cpu=cfg.on_cpu)
+    device = export_device(on_cpu=cfg.on_cpu, gpu_id=cfg.gpu_id)
     checkpoint = resolve_model_file("export.checkpoint", cfg.checkpoint)
     try:
         payload = read_checkpoint(checkpoint, encryption_key=config.encryption_key)

@@ -60,11 +60,12 @@ CALIBRATION_BATCH = 4
 
 
 def quantize_device(device: str) -> torch.device:
-    if device == "cuda":
+    """``cpu``, ``cuda`` (the first GPU) or ``cuda:N``, as TAO writes it."""
+    if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ActionError("quantize.device is cuda, but this machine has no CUDA GPU: set quantize.device to cpu "
                               "or run on a GPU machine.")
-        return torch.device("cuda:0")
+        return torch.device(device if ":" in device else "cuda:0")
     return torch.device("cpu")
 
 

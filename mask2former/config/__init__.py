@@ -2,8 +2,10 @@
 
 from .errors import SpecError
 from .experiment import ACTION_SECTIONS, ACTIONS, ExperimentConfig
-from .loader import load_spec, parse_override_words, resolve_spec_dict, spec_to_dict
+from .loader import (UNUSED_RECORD_KEY, Resolution, load_spec, parse_override_words, resolve_spec, resolve_spec_dict,
+                     spec_to_dict, unused_line)
 from .model import SWIN_PRESETS
 
-__all__ = ["ACTIONS", "ACTION_SECTIONS", "ExperimentConfig", "SpecError", "SWIN_PRESETS", "load_spec",
-           "parse_override_words", "resolve_spec_dict", "spec_to_dict"]
+__all__ = ["ACTIONS", "ACTION_SECTIONS", "ExperimentConfig", "Resolution", "SpecError", "SWIN_PRESETS",
+           "UNUSED_RECORD_KEY", "load_spec", "parse_override_words", "resolve_spec", "resolve_spec_dict",
+           "spec_to_dict", "unused_line"]

@@ -7,13 +7,20 @@ from typing import List, Optional
 
 from .fields import section, spec_field
 
-IMAGENET_MEAN_255 = [123.675, 116.28, 103.53]
-IMAGENET_STD_255 = [58.395, 57.12, 57.375]
+# ImageNet statistics on TAO's scale: the image is divided by 255 first, then normalised with these.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+# Annotation formats a split may name (dataset.<split>.type and dataset.type).
+DATASET_TYPES = ["coco", "coco_panoptic"]
 
 
 @dataclass
 class SplitConfig:
-    type: str = spec_field("coco_panoptic", description="Annotation format.", enum=["coco", "coco_panoptic"])
+    type: str = spec_field("coco_panoptic", description="Annotation format.", enum=DATASET_TYPES)
+    name: str = spec_field("", description="Dataset name.", no_effect="a split is known by its files; TAO's "
+                                                                      "dataset name is only a label.")
     img_dir: Optional[str] = spec_field(None, description="Image folder or images.tar.gz (path, file:// or s3://).",
                                         nullable=True)
     instance_json: Optional[str] = spec_field(None, description="COCO instance annotations (annotations.json).",
@@ -24,6 +31,10 @@ class SplitConfig:
                                              nullable=True)
     batch_size: int = spec_field(1, description="Images per batch and device.", minimum=1, popular=True)
     num_workers: int = spec_field(2, description="Data-loading worker processes.", minimum=0)
+    target_size: List[int] = spec_field([], description="TAO's fixed [width, height] resize of every image "
+                                                        "(empty: off). Only the empty list is accepted: images "
+                                                        "are resized by dataset.augmentation, which keeps "
+                                                        "their aspect ratio.", minimum=1)
 
 
 @dataclass
@@ -65,14 +76,21 @@ class DatasetConfig:
     train: SplitConfig = section(SplitConfig, "Training split.")
     val: SplitConfig = section(SplitConfig, "Validation split (used by train for validation and by evaluate).")
     test: SplitConfig = section(SplitConfig, "Inference images (img_dir).")
+    type: Optional[str] = spec_field(None, description="Annotation format of the splits that do not name their "
+                                                       "own (TAO's shipped infer.yaml sets it here).",
+                                     enum=DATASET_TYPES, nullable=True)
+    pin_memory: bool = spec_field(True, description="Page-locked host memory for batches.",
+                                  no_effect="batches are pinned whenever they go to a CUDA device.")
     label_map: Optional[str] = spec_field(None, description="JSON list of {id, name, color, isthing} "
                                                             "(label_map.json or label_map_panoptic.json).",
                                           nullable=True, popular=True)
     contiguous_id: bool = spec_field(False, description="true: class index = position in the label map; false: "
                                                         "class index = raw category id (< num_classes).")
-    pixel_mean: List[float] = spec_field(list(IMAGENET_MEAN_255), description="Per-channel mean, 0..255 scale.",
-                                         min_items=3, max_items=3)
-    pixel_std: List[float] = spec_field(list(IMAGENET_STD_255), description="Per-channel std, 0..255 scale.",
+    pixel_mean: List[float] = spec_field(list(IMAGENET_MEAN), description="Per-channel (RGB) mean on TAO's 0..1 "
+                                                                          "scale: the image is divided by 255, then "
+                                                                          "normalised.",
+                                         min_items=3, max_items=3, minimum=0)
+    pixel_std: List[float] = spec_field(list(IMAGENET_STD), description="Per-channel (RGB) std on TAO's 0..1 scale.",
                                         min_items=3, max_items=3, exclusive_minimum=0)
     augmentation: AugmentationConfig = section(AugmentationConfig, "Augmentation and resizing.")
     quant_calibration_dataset: CalibrationConfig = section(CalibrationConfig, "Calibration data for quantize.")

@@ -9,17 +9,17 @@ from .actions import EvaluateConfig, ExportConfig, GenTrtEngineConfig, Inference
 from .dataset import DatasetConfig
 from .fields import section, spec_field
 from .model import ModelConfig
-from .train import TrainConfig
+from .train import TrainConfig, WandbConfig
 
 ACTIONS = ("train", "evaluate", "inference", "export", "quantize", "gen_trt_engine")
 
 # Top-level keys every action reads besides its sections.
-COMMON_KEYS = ("results_dir", "encryption_key")
+COMMON_KEYS = ("results_dir", "encryption_key", "model_name")
 
 # The sections an action reads. A key of another section is refused for that action, so no key
 # in a spec is silently ignored.
 ACTION_SECTIONS = {
-    "train": ("model", "dataset", "train"),
+    "train": ("model", "dataset", "train", "wandb"),
     "evaluate": ("model", "dataset", "evaluate"),
     "inference": ("model", "dataset", "inference"),
     "export": ("model", "export"),
@@ -48,6 +48,9 @@ class ExperimentConfig:
         None, description="Passphrase that encrypts the models this job writes and decrypts the encrypted models it "
                           "reads (prefer the environment variable MASK2FORMER_ENCRYPTION_KEY); never written to "
                           "experiment.yaml.", nullable=True, secret=True)
+    model_name: str = spec_field("mask2former", description="Network family.", enum=["mask2former"],
+                                 no_effect="this tool runs Mask2Former only.")
+    wandb: WandbConfig = section(WandbConfig, "Weights & Biases logging of training (Lightning's WandbLogger).")
     model: ModelConfig = section(ModelConfig, "Model architecture, loss and post-processing.")
     dataset: DatasetConfig = section(DatasetConfig, "Data, label map and augmentation.")
     train: TrainConfig = section(TrainConfig, "Training.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 _MISSING = dataclasses.MISSING
 
@@ -36,6 +36,8 @@ def spec_field(
     popular: bool = False,
     nullable: bool = False,
     secret: bool = False,
+    no_effect: Optional[str] = None,
+    unimplemented: Optional[Dict[str, str]] = None,
 ) -> Any:
     """A dataclass field carrying the spec metadata.
 
@@ -44,7 +46,10 @@ def spec_field(
     ``"/ 8"`` means a multiple of 8, ``"^ 2"`` a power of two. ``depends_on`` names another key
     whose value bounds this one (``math_cond`` then reads e.g. ``"> depends_on"``). ``math_cond`` only
     shapes AutoML samples; ``multiple_of`` is a hard rule checked on every spec. ``secret`` keys
-    are never written to experiment.yaml, logs or XCom.
+    are never written to experiment.yaml, logs or XCom. ``no_effect`` marks a key accepted for TAO spec
+    files that does nothing here; the sentence says why, and the log repeats it when a spec sets the key.
+    ``unimplemented`` maps values TAO accepts but this tool does not implement to the reason given when a
+    spec uses one.
     """
     if option_weights is not None and (enum is None or len(option_weights) != len(enum)):
         raise ValueError(f"option_weights for {description!r} needs one weight per enum value")
@@ -67,6 +72,8 @@ def spec_field(
         "popular": popular,
         "nullable": nullable,
         "secret": secret,
+        "no_effect": no_effect,
+        "unimplemented": dict(unimplemented) if unimplemented else None,
     }
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 import yaml
 
 from .experiment import ACTION_DESCRIPTIONS, ACTIONS
-from .schema import action_schema, defaults_for, iter_leaves
+from .schema import action_schema, defaults_for, is_section, iter_leaves
 
 MONITORING_METRIC = "mIoU"
 
@@ -43,7 +43,7 @@ def _template_lines(schema: Dict[str, Any], defaults: Dict[str, Any], indent: in
     pad = "  " * indent
     for name, sub in schema["properties"].items():
         value = defaults.get(name)
-        if sub.get("type") == "object":
+        if is_section(sub):
             lines.append(f"{pad}{name}:")
             lines.extend(_template_lines(sub, value or {}, indent + 1))
         else:

@@ -20,9 +20,11 @@ FEATURE_NAMES = ["res2", "res3", "res4", "res5"]
 class SwinConfig:
     type: str = spec_field(
         "tiny",
-        description="Swin preset; embed_dim, depths and num_heads left null take the preset's values.",
-        enum=["tiny", "small", "base", "large"],
-        option_weights=[0.4, 0.3, 0.2, 0.1],
+        description="Swin preset, as TAO: a preset set in the spec fixes embed_dim, depths and num_heads (values "
+                    "that contradict it are replaced, and the log says so); custom uses the explicit values. When "
+                    "the spec sets no type, explicit values are used and null ones come from the tiny preset.",
+        enum=["tiny", "small", "base", "large", "custom"],
+        option_weights=[0.4, 0.3, 0.2, 0.1, 0.0],
         popular=True,
     )
     embed_dim: Optional[int] = spec_field(
@@ -52,6 +54,15 @@ class SwinConfig:
                                         minimum=32)
     use_checkpoint: bool = spec_field(False, description="Activation checkpointing in the Swin blocks (saves memory, "
                                                          "costs about a third more compute).")
+    qk_scale: Optional[float] = spec_field(None, description="Scale of the attention logits (null: "
+                                                             "head_dim ** -0.5).", nullable=True,
+                                           exclusive_minimum=0)
+    drop_rate: float = spec_field(0.0, description="Dropout after the patch embedding, the attention projection "
+                                                   "and the MLP layers (training only).", minimum=0, maximum=1)
+    attn_drop_rate: float = spec_field(0.0, description="Dropout on the attention weights (training only).",
+                                       minimum=0, maximum=1)
+    out_indices: List[int] = spec_field([0, 1, 2, 3], description="Stages whose outputs are passed on (all four "
+                                                                  "are needed by the decoder).", enum=[0, 1, 2, 3])
 
 
 @dataclass
@@ -116,6 +127,8 @@ class MaskFormerConfig:
 
 @dataclass
 class ModelConfig:
+    export: bool = spec_field(False, description="TAO's export-mode switch of the network.",
+                              no_effect="export builds its own traced network.")
     mode: str = spec_field("panoptic", description="Segmentation task.", enum=["panoptic", "instance", "semantic"],
                            popular=True)
     object_mask_threshold: float = spec_field(0.4, description="Panoptic: minimum query score kept.", minimum=0,
@@ -128,13 +141,32 @@ class ModelConfig:
     mask_former: MaskFormerConfig = section(MaskFormerConfig, "Masked-attention transformer decoder and loss.")
 
 
-def resolve_swin(swin: SwinConfig) -> None:
-    """Fill the architecture numbers a preset implies where the spec left them null."""
+SWIN_ARCHITECTURE_KEYS = ("embed_dim", "depths", "num_heads")
+
+
+def resolve_swin(swin: SwinConfig, *, preset_wins: bool = False) -> List[str]:
+    """Fill the architecture numbers a preset implies; returns one sentence per value the preset replaced.
+
+    ``preset_wins`` (the spec named ``swin.type``, as in TAO): the preset fixes the three numbers. Otherwise
+    (no type in the spec, or a checkpoint's recorded architecture) only the numbers left null are filled.
+    ``custom`` takes the explicit numbers and needs all three.
+    """
+    if swin.type == "custom":
+        missing = [f"model.backbone.swin.{k}" for k in SWIN_ARCHITECTURE_KEYS if getattr(swin, k) is None]
+        if missing:
+            raise ValueError(f"model.backbone.swin.type custom uses explicit values, but {', '.join(missing)} "
+                             "is not set.")
+        return []
     preset = SWIN_PRESETS[swin.type]
-    for key in ("embed_dim", "depths", "num_heads"):
-        if getattr(swin, key) is None:
-            value = preset[key]
-            setattr(swin, key, list(value) if isinstance(value, list) else value)
+    replaced = []
+    for key in SWIN_ARCHITECTURE_KEYS:
+        value = getattr(swin, key)
+        if value is not None and value != preset[key] and preset_wins:
+            replaced.append(f"model.backbone.swin.{key} {value} is replaced by the {swin.type} preset's "
+                            f"{preset[key]} (set model.backbone.swin.type to custom to keep explicit values)")
+        if value is None or preset_wins:
+            setattr(swin, key, list(preset[key]) if isinstance(preset[key], list) else preset[key])
+    return replaced
 
 
 ARCHITECTURE_KEYS = ("backbone.swin", "sem_seg_head", "mask_former")

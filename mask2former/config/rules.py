@@ -22,6 +22,9 @@ def _one_of(section: str, cfg: object, names: List[str], required: bool) -> None
 def _check_model(config: ExperimentConfig) -> None:
     model = config.model
     swin = model.backbone.swin
+    if sorted(swin.out_indices) != [0, 1, 2, 3]:
+        raise SpecError(f"model.backbone.swin.out_indices {swin.out_indices} is refused: the pixel decoder needs "
+                        "all four stages, [0, 1, 2, 3] (TAO's default).")
     for stage, heads in enumerate(swin.num_heads):
         dim = swin.embed_dim * 2 ** stage
         if dim % heads:
@@ -36,6 +39,25 @@ def _check_model(config: ExperimentConfig) -> None:
     if model.sem_seg_head.convs_dim % mf.nheads:
         raise SpecError(f"model.sem_seg_head.convs_dim = {model.sem_seg_head.convs_dim} must be a multiple of "
                         f"model.mask_former.nheads = {mf.nheads} (the deformable encoder's attention heads).")
+
+
+def _check_target_size(config: ExperimentConfig) -> None:
+    for split in ("train", "val", "test"):
+        size = getattr(config.dataset, split).target_size
+        if size:
+            raise SpecError(f"dataset.{split}.target_size {size} is not implemented: TAO stretches every image to a "
+                            "fixed size; here images are resized by dataset.augmentation (train_min_size, "
+                            "test_min_size, ...), which keeps their aspect ratio. Leave it [] (TAO's default).")
+
+
+def _check_pixel_scale(config: ExperimentConfig) -> None:
+    """pixel_mean/pixel_std are on TAO's 0..1 scale; values on the 0..255 scale would normalise wrongly."""
+    ds = config.dataset
+    for key, values, imagenet in (("pixel_mean", ds.pixel_mean, "[0.485, 0.456, 0.406]"),
+                                  ("pixel_std", ds.pixel_std, "[0.229, 0.224, 0.225]")):
+        if max(values) > 1:
+            raise SpecError(f"dataset.{key} {list(values)} is above 1: it is on TAO's 0..1 scale (the image is divided "
+                            f"by 255, then normalised; ImageNet's is {imagenet}). Divide 0..255 values by 255.")
 
 
 def _split_needs(mode: str, split_name: str, split: object) -> Optional[str]:
@@ -103,6 +125,9 @@ def _check_train(config: ExperimentConfig) -> None:
     train = config.train
     _check_digest("train.pretrained_model_sha256", train.pretrained_model_sha256, "train.pretrained_model_path",
                   train.pretrained_model_path)
+    if train.distributed_strategy == "fsdp" and train.clip_grad_type != "full":
+        raise SpecError("train.clip_grad_type norm clips each parameter's gradient, which FSDP shards across "
+                        "devices: use clip_grad_type full with distributed_strategy fsdp.")
     if train.distributed_strategy == "fsdp" and train.precision == "fp32":
         raise SpecError("train.distributed_strategy fsdp needs train.precision fp16 or bf16 (got fp32).")
     if len(train.gpu_ids) < train.num_gpus:
@@ -128,8 +153,20 @@ def _check_trt(config: ExperimentConfig) -> None:
         raise SpecError("gen_trt_engine.onnx_file is not set (the ONNX model to build the engine from).")
 
 
+_QUANTIZE_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
 def _check_quantize(config: ExperimentConfig) -> None:
     q = config.quantize
+    if q.device == "trt":
+        raise SpecError("quantize.device trt is a TAO value that is not implemented here: calibration runs on cpu "
+                        "or cuda (gen_trt_engine builds TensorRT engines).")
+    if not _QUANTIZE_DEVICE.fullmatch(q.device):
+        raise SpecError(f"quantize.device {q.device!r} must read cpu, cuda or cuda:N (a GPU index).")
+    if q.backend_kwargs:
+        raise SpecError(f"quantize.backend_kwargs {sorted(q.backend_kwargs)} is not implemented: the backends take "
+                        "their settings from quantize.mode, quantize.algorithm and quantize.layers here; leave it {} "
+                        "(TAO's default).")
     if not q.model_path:
         raise SpecError("quantize.model_path is not set (the checkpoint to quantize).")
     if q.backend == "torchao" and q.mode != "weight_only_ptq":
@@ -155,6 +192,9 @@ def check_rules(action: str, config: ExperimentConfig) -> None:
     """
     if "model" in _sections(action):
         _check_model(config)
+    if "dataset" in _sections(action):
+        _check_pixel_scale(config)
+        _check_target_size(config)
     if action == "train":
         _check_train(config)
     elif action == "evaluate":

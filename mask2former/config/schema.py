@@ -26,6 +26,8 @@ def _value_schema(tp: Any, meta: Dict[str, Any]) -> Dict[str, Any]:
     """Schema of one value (no metadata), with bounds on scalars or list items."""
     if dataclasses.is_dataclass(tp):
         return dataclass_schema(tp)
+    if typing.get_origin(tp) is dict:
+        return {"type": "object", "additionalProperties": True}  # a free mapping: one value, not a section
     if typing.get_origin(tp) in (list, List):
         (item_tp,) = typing.get_args(tp)
         schema: Dict[str, Any] = {"type": "array", "items": _value_schema(item_tp, meta)}
@@ -60,6 +62,8 @@ def _field_schema(field: dataclasses.Field, tp: Any) -> Dict[str, Any]:
         if "enum" in schema:
             schema["enum"] = schema["enum"] + [None]
     schema["description"] = meta.get("description", "")
+    if meta.get("no_effect"):
+        schema["description"] += f" No effect here: {meta['no_effect']}"
     if meta.get("secret"):
         schema["writeOnly"] = True  # JSON Schema's mark for a value that is given but never read back
     if not meta.get("section"):
@@ -121,11 +125,34 @@ def secret_keys(cls: type = ExperimentConfig, prefix: str = "") -> List[str]:
     return keys
 
 
+def _keys_with(meta_key: str, cls: type = ExperimentConfig, prefix: str = "") -> Dict[str, Any]:
+    """Dotted key -> the ``meta_key`` metadata of every field that sets it."""
+    found = {}
+    for field in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(typing.get_type_hints(cls)[field.name])
+        if field.metadata.get(meta_key):
+            found[prefix + field.name] = field.metadata[meta_key]
+        elif dataclasses.is_dataclass(tp):
+            found.update(_keys_with(meta_key, tp, f"{prefix}{field.name}."))
+    return found
+
+
+# Dotted key -> why the key, accepted for TAO spec files, has no effect here.
+NO_EFFECT: Dict[str, str] = _keys_with("no_effect")
+# Dotted key -> {TAO value not implemented here: why}.
+UNIMPLEMENTED: Dict[str, Dict[str, str]] = _keys_with("unimplemented")
+
+
+def is_section(schema: Dict[str, Any]) -> bool:
+    """Whether a property's schema is a section of keys (a free mapping such as backend_kwargs is a value)."""
+    return schema.get("type") == "object" and "properties" in schema
+
+
 def iter_leaves(schema: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Dict[str, Any]]]:
     """(dotted key, leaf schema) for every key that holds a value (lists of objects count as leaves)."""
     for name, sub in schema.get("properties", {}).items():
         key = f"{prefix}{name}"
-        if sub.get("type") == "object":
+        if is_section(sub):
             yield from iter_leaves(sub, key + ".")
         else:
             yield key, sub

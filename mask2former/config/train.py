@@ -11,6 +11,10 @@ from .fields import section, spec_field
 @dataclass
 class OptimConfig:
     type: str = spec_field("AdamW", description="Optimiser.", enum=["AdamW"])
+    monitor_name: str = spec_field("train_loss", description="Metric a plateau scheduler would watch.",
+                                   enum=["train_loss", "val_loss"],
+                                   no_effect="MultiStep and WarmupPoly follow the step count, as they do in TAO, "
+                                             "where the name only reaches Lightning's scheduler settings.")
     lr: float = spec_field(2e-4, description="Base learning rate.", exclusive_minimum=0, maximum=1,
                            automl_enabled=True, automl_min=1e-6, automl_max=1e-2, automl_log_scale=True,
                            popular=True)
@@ -33,6 +37,14 @@ class OptimConfig:
                                       maximum=1)
     poly_power: float = spec_field(0.9, description="WarmupPoly: power of the polynomial decay.",
                                    exclusive_minimum=0)
+
+
+@dataclass
+class CudnnConfig:
+    benchmark: bool = spec_field(False, description="torch.backends.cudnn.benchmark: pick the fastest convolution "
+                                                    "algorithms for the input sizes seen.")
+    deterministic: bool = spec_field(True, description="torch.backends.cudnn.deterministic: deterministic "
+                                                       "convolution algorithms.")
 
 
 @dataclass
@@ -60,7 +72,46 @@ class TrainConfig:
                           "differs is refused.", nullable=True)
     freeze: List[str] = spec_field([], description="Parameter-name prefixes to freeze, e.g. ['backbone'].")
     clip_grad_norm: float = spec_field(0.1, description="Clip the global gradient norm (0: off).", minimum=0)
+    clip_grad_norm_type: float = spec_field(2.0, description="Norm of the per-parameter clipping of "
+                                                             "clip_grad_type norm: 2.0, another p, or inf.",
+                                            exclusive_minimum=0)
+    clip_grad_type: str = spec_field("full", description="full: clip the L2 norm of all gradients together; "
+                                                         "norm: then also each parameter's gradient by its "
+                                                         "clip_grad_norm_type norm (as TAO does for any type other "
+                                                         "than full).", enum=["full", "norm"])
+    is_dry_run: bool = spec_field(False, description="Run one training and one validation batch to check the spec "
+                                                     "and data (Lightning's fast_dev_run), writing no checkpoint.")
+    activation_checkpoint: bool = spec_field(
+        False, description="TAO: DDP without the search for unused parameters.",
+        no_effect="DDP here never searches for unused parameters (TAO's behaviour with true); Swin activation "
+                  "checkpointing is model.backbone.swin.use_checkpoint.")
+    use_distributed_sampler: bool = spec_field(False, description="Lightning's distributed sampler.",
+                                               no_effect="the data module shards every split itself.")
+    iters_per_epoch: Optional[int] = spec_field(None, description="Steps per epoch the WarmupPoly schedule counts "
+                                                                  "(as TAO: decay over iters_per_epoch * num_epochs "
+                                                                  "steps; null: the real number of steps).",
+                                                minimum=1, nullable=True)
+    results_dir: Optional[str] = spec_field(
+        None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
+                          "<results_dir>/train (--results-dir and the operators name the job folder exactly).",
+        nullable=True)
+    cudnn: CudnnConfig = section(CudnnConfig, "cuDNN settings.")
     precision: str = spec_field("fp32", description="Training precision (bf16/fp16 autocast; the pixel decoder "
                                                     "stays fp32).", enum=["fp32", "fp16", "bf16"])
     distributed_strategy: str = spec_field("ddp", description="Multi-device strategy.", enum=["ddp", "fsdp"])
     optim: OptimConfig = section(OptimConfig, "Optimiser and learning-rate schedule.")
+
+
+@dataclass
+class WandbConfig:
+    enable: bool = spec_field(False, description="Log training to Weights & Biases (WANDB_MODE=offline keeps the "
+                                                 "run on disk; TAO's default is true).")
+    project: str = spec_field("TAO Toolkit", description="W&B project.")
+    entity: str = spec_field("", description="W&B entity (team or user; empty: the account's default).")
+    group: str = spec_field("", description="W&B run group.")
+    tags: List[str] = spec_field(["training", "tao-toolkit"], description="W&B run tags.")
+    reinit: bool = spec_field(False, description="Allow several runs in one process.")
+    sync_tensorboard: bool = spec_field(False, description="Also sync the TensorBoard logs.")
+    save_code: bool = spec_field(False, description="Save the main script with the run.")
+    name: str = spec_field("TAO Toolkit training experiment", description="W&B run name.")
+    run_id: str = spec_field("", description="W&B run id (empty: a new run; set it to resume a run).")

@@ -14,7 +14,7 @@ Training (``dataset.augmentation``):
   ratio kept), random crop to at most ``train_crop_size`` (same class cap), optional colour jitter,
   then pad to exactly ``train_crop_size``.
 Evaluation/inference: shortest edge ``test_min_size`` with the longest edge capped by ``test_max_size``.
-Images end normalised with ``pixel_mean``/``pixel_std`` (0..255 scale). Padding areas hold 0 in the
+Images end normalised with ``pixel_mean``/``pixel_std`` (TAO's 0..1 scale). Padding areas hold 0 in the
 normalised image, False in masks, True in ``ignore_mask`` and 255 in ``sem_seg``; batches are padded to
 a multiple of ``size_divisibility`` by :func:`mask2former.data.dataset.collate_batch`.
 """
@@ -191,7 +191,11 @@ def drop_empty_masks(sample: Sample) -> Sample:
 
 
 class Normalize:
-    """(image - pixel_mean) / pixel_std on the 0..255 scale; uint8 [H, W, 3] in, float32 [3, H, W] out."""
+    """(image / 255 - pixel_mean) / pixel_std, TAO's scale; uint8 [H, W, 3] in, float32 [3, H, W] out.
+
+    Computed as (image - 255 * pixel_mean) / (255 * pixel_std), the arithmetic of the 0..255 statistics
+    imported Hugging Face and detectron2 models were trained with.
+    """
 
     def __init__(self, *, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> None:
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -199,8 +203,12 @@ class Normalize:
                              f"and {list(pixel_std)}")
         if min(pixel_std) <= 0:
             raise ValueError(f"dataset.pixel_std must be > 0, got {list(pixel_std)}")
-        self.mean = np.asarray(pixel_mean, dtype=np.float32)[:, None, None]
-        self.inv_std = (1.0 / np.asarray(pixel_std, dtype=np.float32))[:, None, None]
+        if max(*pixel_mean, *pixel_std) > 1:
+            raise ValueError(f"dataset.pixel_mean {list(pixel_mean)} and dataset.pixel_std {list(pixel_std)} must be "
+                             "on the 0..1 scale (the image is divided by 255 first)")
+        self.mean = (np.asarray(pixel_mean, dtype=np.float64) * 255.0).astype(np.float32)[:, None, None]
+        std_255 = (np.asarray(pixel_std, dtype=np.float64) * 255.0).astype(np.float32)
+        self.inv_std = (1.0 / std_255)[:, None, None]
 
     def __call__(self, sample: Sample) -> Sample:
         _require_unnormalized(sample, "Normalize")

@@ -23,7 +23,8 @@ def build_backbone(*, type: Optional[str] = "tiny", embed_dim: Optional[int] = N
                    window_size: int = 7, patch_size: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                    drop_path_rate: float = 0.3, ape: bool = False, patch_norm: bool = True,
                    out_features: Sequence[str] = FEATURE_NAMES, pretrain_img_size: int = 224,
-                   use_checkpoint: bool = False) -> SwinTransformer:
+                   use_checkpoint: bool = False, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
+                   attn_drop_rate: float = 0.0) -> SwinTransformer:
     """A Swin backbone; ``embed_dim``/``depths``/``num_heads`` left None come from the preset ``type``."""
     arch = resolve_swin_architecture(type=type, embed_dim=embed_dim,
                                      depths=list(depths) if depths is not None else None,
@@ -32,7 +33,8 @@ def build_backbone(*, type: Optional[str] = "tiny", embed_dim: Optional[int] = N
                            window_size=window_size, patch_size=patch_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                            drop_path_rate=drop_path_rate, ape=ape, patch_norm=patch_norm,
                            pretrain_img_size=pretrain_img_size, out_features=out_features,
-                           use_checkpoint=use_checkpoint)
+                           use_checkpoint=use_checkpoint, qk_scale=qk_scale, drop_rate=drop_rate,
+                           attn_drop_rate=attn_drop_rate)
 
 
 def build_mask2former(*, backbone: SwinTransformer, num_classes: int, convs_dim: int = 256, mask_dim: int = 256,
@@ -71,6 +73,9 @@ def build_model(model_config: Any) -> Mask2Former:
         drop_path_rate=swin.drop_path_rate, ape=swin.ape, patch_norm=swin.patch_norm,
         out_features=swin.out_features, pretrain_img_size=swin.pretrain_img_size,
         use_checkpoint=swin.use_checkpoint,
+        # TAO's keys; absent from the model config of checkpoints written before they existed
+        qk_scale=getattr(swin, "qk_scale", None), drop_rate=getattr(swin, "drop_rate", 0.0),
+        attn_drop_rate=getattr(swin, "attn_drop_rate", 0.0),
     )
     head = model_config.sem_seg_head
     mf = model_config.mask_former

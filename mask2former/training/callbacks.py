@@ -96,10 +96,14 @@ class CheckpointSaver(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if trainer.fast_dev_run:  # train.is_dry_run: a check of the spec and data, as in TAO, writes no model
+            return
         if self.unit == "step" and trainer.global_step % self.interval == 0:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Mask2FormerModule) -> None:
+        if trainer.fast_dev_run:
+            return
         epoch = trainer.current_epoch + 1
         due = epoch == self.max_epochs or (self.unit == "epoch" and epoch % self.interval == 0)
         validation = pl_module.last_validation

@@ -127,6 +127,8 @@ class Mask2FormerModule(pl.LightningModule):
         optimizer = build_optimizer(self.model, optim_cfg, fused=fused)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total_steps // max(1, int(self.trainer.max_epochs)))
+        if self.config.train.iters_per_epoch:  # TAO's WarmupPoly length: iters_per_epoch * num_epochs steps
+            total_steps = self.config.train.iters_per_epoch * self.config.train.num_epochs
         scheduler = build_scheduler(optimizer, optim_cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
@@ -134,8 +136,10 @@ class Mask2FormerModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: Optional[float] = None,
                                     gradient_clip_algorithm: Optional[str] = None) -> None:
-        """Clip the global gradient norm once per optimizer step (Trainer gradient_clip_val); FSDP shards
-        gradients, so it clips through the sharded root module, which computes the norm over all shards."""
+        """Clip the global L2 gradient norm once per optimizer step (Trainer gradient_clip_val), then, for
+        ``train.clip_grad_type: norm``, each parameter's gradient by its ``clip_grad_norm_type`` norm, as TAO
+        does. FSDP shards gradients, so it clips through the sharded root module, which computes the norm over
+        all shards."""
         if not gradient_clip_val:
             return
         if isinstance(self.trainer.strategy, FSDPStrategy):
@@ -143,6 +147,12 @@ class Mask2FormerModule(pl.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)
+        if self.config.train.clip_grad_type == "norm":  # TAO's per-parameter clipping, after the global one
+            norm_type = float(self.config.train.clip_grad_norm_type)
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    if parameter.grad is not None:
+                        torch.nn.utils.clip_grad_norm_([parameter], gradient_clip_val, norm_type=norm_type)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
@@ -37,6 +38,7 @@ from .data_order import DataPosition, resume_position
 from .datamodule import DATA_ERRORS, Mask2FormerDataModule, error_message
 from .distributed import DevicePlan
 from .errors import DatasetError, TrainingSetupError
+from .wandb_logger import wandb_logger
 from .initialization import freeze_parameters, load_backbone_weights, load_pretrained_model
 from .lightning_module import Mask2FormerModule
 
@@ -199,7 +201,13 @@ def build_trainer(config: Any, *, plan: DevicePlan, results_dir: Path, status: r
     logs = results_dir / LOGS_DIR
     # version_N folders: a resumed attempt adds its own logs next to the interrupted one's
     loggers = [TensorBoardLogger(save_dir=str(logs), name="tensorboard"), CSVLogger(save_dir=str(logs), name="csv")]
+    tracker = wandb_logger(config.wandb, save_dir=logs / "wandb")
+    if tracker is not None:
+        loggers.append(tracker)
+    torch.backends.cudnn.benchmark = train.cudnn.benchmark
+    torch.backends.cudnn.deterministic = train.cudnn.deterministic
     return pl.Trainer(
+        fast_dev_run=train.is_dry_run,
         accelerator=plan.accelerator, devices=plan.devices, num_nodes=plan.num_nodes, strategy=_strategy(plan),
         precision=plan.precision, max_epochs=train.num_epochs,
         use_distributed_sampler=False,  # the data module shards both splits (training in its own resumable order)

@@ -1,11 +1,11 @@
 """Spec overrides as the operators take them: coerced, checked at DAG parse (literals) and once at execute.
 
 Operators receive one dict of flat dotted keys (``{"train.num_epochs": 10, "model.mode": "semantic"}``)
-and share it across a pipeline, so a key is validated by the action that reads its section (``export.*`` by
-export, ``model.*`` and ``dataset.*`` by train, ...) and each action keeps the keys of the sections it reads.
-The rules are the engine's own (:mod:`mask2former.config`): no torch, cheap enough for DAG parsing. (Once one
-spec serves every action in the engine's loader, :func:`job_overrides` is ``load_spec(action, overrides=...)``
-on every key.)
+and share it across a pipeline, as one TAO spec serves every action: a key's value is validated by the action
+that reads its section (``export.*`` by export, ``model.*`` and ``dataset.*`` by train, ...), and every key
+goes to every job, whose engine reports the keys its action does not use (one log line and experiment.yaml).
+A key no action reads is refused with the nearest keys. The rules are the engine's own
+(:mod:`mask2former.config`): no torch, cheap enough for DAG parsing.
 
 Secret keys (``encryption_key``) are refused, even templated: overrides are stored in the DAG run conf
 and in the rendered template fields, where anyone who can read the run sees them. The operators take
@@ -72,19 +72,20 @@ def _by_owner(action: str, overrides: Mapping[str, Any]) -> Dict[str, Dict[str, 
 
 
 def job_overrides(action: str, overrides: Mapping[str, Any], derived: Mapping[str, Any]) -> Dict[str, Any]:
-    """The one check of a job's spec at execute: the spec keys of ``action`` and whether they can run.
+    """The one check of a job's spec at execute: the job's spec keys and whether they can run.
 
-    ``derived`` (the planned data sources and the parent model) comes first, then the user's ``overrides`` of
-    the sections ``action`` reads; together they are resolved by the engine (:func:`mask2former.config.load_spec`,
-    cross-key rules included). The user's keys of sections that only other actions read (one dict of overrides
-    serves a whole pipeline) are validated by those actions. Raises :class:`SpecError` naming the key.
+    ``derived`` (the planned data sources and the parent model) comes first, then the user's ``overrides``;
+    together they are resolved by the engine (:func:`mask2former.config.load_spec`, cross-key rules included).
+    The user's keys of sections that only other actions read (one dict of overrides serves a whole pipeline)
+    are validated by those actions and passed on: the job reports them as not used by ``action``. Raises
+    :class:`SpecError` naming the key.
     """
     refuse_secret_keys(overrides)
     groups = _by_owner(action, overrides)
     for owner, group in groups.items():
         if owner != action:
             resolve_spec_dict(owner, overrides=group)
-    merged = {**derived, **groups.get(action, {})}
+    merged = {**derived, **overrides}
     load_spec(action, overrides=merged)
     return merged
 

@@ -120,7 +120,8 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a learned relative-position bias."""
 
-    def __init__(self, *, dim: int, num_heads: int, window_size: int, qkv_bias: bool) -> None:
+    def __init__(self, *, dim: int, num_heads: int, window_size: int, qkv_bias: bool,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"Swin stage width {dim} is not divisible by num_heads {num_heads}.")
@@ -133,6 +134,9 @@ class WindowAttention(nn.Module):
                              persistent=False)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.scale = qk_scale  # None: head_dim ** -0.5
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_position_bias(self) -> torch.Tensor:
@@ -153,36 +157,40 @@ class WindowAttention(nn.Module):
             mask = attn_bias.unsqueeze(0)
         else:  # a view for batch 1; one copy of the mask per extra image otherwise
             mask = attn_bias.expand(q.shape[0] // num_windows, -1, -1, -1, -1).reshape(-1, self.num_heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
-        return self.proj(out.transpose(1, 2).reshape(-1, num_windows, n, self.dim))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=self.scale,
+                                             dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(-1, num_windows, n, self.dim)))
 
 
 class Mlp(nn.Module):
-    def __init__(self, *, dim: int, hidden_dim: int) -> None:
+    def __init__(self, *, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class SwinBlock(nn.Module):
     """(Shifted) window attention + MLP, both pre-norm residual; works on channels-last [B, H, W, C]."""
 
     def __init__(self, *, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float,
-                 qkv_bias: bool, drop_path: float) -> None:
+                 qkv_bias: bool, drop_path: float, qk_scale: Optional[float] = None, drop: float = 0.0,
+                 attn_drop: float = 0.0) -> None:
         super().__init__()
         if not 0 <= shift_size < window_size:
             raise ValueError(f"shift_size {shift_size} must lie in [0, window_size={window_size}).")
         self.window_size = window_size
         self.shift_size = shift_size
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim=dim, num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias)
+        self.attn = WindowAttention(dim=dim, num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias,
+                                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio))
+        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, to_windows: torch.Tensor, from_windows: torch.Tensor,
                 shift_mask: torch.Tensor) -> torch.Tensor:
@@ -225,7 +233,8 @@ class SwinStage(nn.Module):
     """``depth`` blocks alternating regular and shifted windows, then optional patch merging."""
 
     def __init__(self, *, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-                 qkv_bias: bool, drop_path: Sequence[float], downsample: bool, use_checkpoint: bool) -> None:
+                 qkv_bias: bool, drop_path: Sequence[float], downsample: bool, use_checkpoint: bool,
+                 qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift_size = window_size // 2
@@ -233,7 +242,8 @@ class SwinStage(nn.Module):
         self.blocks = nn.ModuleList(
             SwinBlock(dim=dim, num_heads=num_heads, window_size=window_size,
                       shift_size=0 if i % 2 == 0 else self.shift_size, mlp_ratio=mlp_ratio,
-                      qkv_bias=qkv_bias, drop_path=drop_path[i])
+                      qkv_bias=qkv_bias, drop_path=drop_path[i], qk_scale=qk_scale, drop=drop,
+                      attn_drop=attn_drop)
             for i in range(depth)
         )
         self.downsample = PatchMerging(dim=dim) if downsample else None
@@ -285,7 +295,8 @@ class SwinTransformer(nn.Module):
                  patch_size: int = 4, in_chans: int = 3, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path_rate: float = 0.3, ape: bool = False, patch_norm: bool = True,
                  pretrain_img_size: int = 224, out_features: Sequence[str] = FEATURE_NAMES,
-                 use_checkpoint: bool = False) -> None:
+                 use_checkpoint: bool = False, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0) -> None:
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4:
             raise ValueError(f"Swin needs 4 stages: got depths={list(depths)}, num_heads={list(num_heads)}.")
@@ -303,6 +314,7 @@ class SwinTransformer(nn.Module):
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         else:
             self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(drop_rate)  # after patch embedding (and the absolute position embedding)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList()
         for i in range(4):
@@ -310,7 +322,8 @@ class SwinTransformer(nn.Module):
             self.layers.append(SwinStage(
                 dim=self.num_features[i], depth=depths[i], num_heads=num_heads[i], window_size=window_size,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=rates[start:start + depths[i]],
-                downsample=i < 3, use_checkpoint=use_checkpoint,
+                downsample=i < 3, use_checkpoint=use_checkpoint, qk_scale=qk_scale, drop=drop_rate,
+                attn_drop=attn_drop_rate,
             ))
         for i, name in enumerate(FEATURE_NAMES):
             if name in self.out_features:
@@ -331,6 +344,7 @@ class SwinTransformer(nn.Module):
             pos = F.interpolate(self.absolute_pos_embed, size=(x.shape[1], x.shape[2]), mode="bicubic",
                                 align_corners=False)
             x = x + pos.permute(0, 2, 3, 1)
+        x = self.pos_drop(x)
         outputs: Dict[str, torch.Tensor] = {}
         for i, stage in enumerate(self.layers):
             out, x = stage(x)
