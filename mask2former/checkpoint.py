@@ -10,6 +10,10 @@ A checkpoint is a ``torch.save``'d dict::
      "epoch": int, "global_step": int,
      ...}                            # train adds its resume state (optimizer_states, lr_schedulers, loops)
 
+A checkpoint of NVIDIA TAO's trainer (Lightning ``.pth``, TAO's parameter names) is recognised and read as one
+of these (:mod:`mask2former.model.tao_weights`: weights renamed, class head re-laid out for TAO's default
+``dataset.contiguous_id`` false; ``import-weights --format tao -e spec.yaml`` converts one trained with true).
+
 The architecture of a saved model comes from its checkpoint, so evaluate, export and quantize rebuild
 exactly what was trained; their spec's post-processing keys (mode, thresholds, top-k) still apply.
 
@@ -34,6 +38,7 @@ import torch
 from . import crypto
 from .config.loader import _from_dict
 from .config.model import ModelConfig, resolve_swin
+from .model.tao_weights import convert_tao_payload, is_tao_payload
 
 FORMAT = "mask2former-airflow/1"
 POSTPROCESS_KEYS = ("mode", "object_mask_threshold", "overlap_threshold", "test_topk_per_image")
@@ -104,7 +109,13 @@ def read_checkpoint(path: PathLike, encryption_key: Optional[str] = None) -> Dic
         raise CheckpointError(f"Checkpoint '{path}' cannot be read as a model checkpoint: {exc}") from None
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise CheckpointError(f"Checkpoint '{path}' holds no 'state_dict'; expected a checkpoint written by this "
-                              "tool or by `python -m mask2former import-weights`.")
+                              "tool, by `python -m mask2former import-weights` or by NVIDIA TAO's trainer.")
+    if is_tao_payload(payload):
+        try:
+            payload = convert_tao_payload(payload, source=str(path))
+        except ValueError as exc:
+            raise CheckpointError(f"Checkpoint '{path}' looks like NVIDIA TAO's but cannot be mapped: {exc}") from None
+        payload["format"] = FORMAT
     return payload
 
 
