@@ -13,7 +13,8 @@ IMAGENET_STD_255 = [58.395, 57.12, 57.375]
 
 @dataclass
 class SplitConfig:
-    type: str = spec_field("coco_panoptic", description="Annotation format.", enum=["coco", "coco_panoptic"])
+    type: str = spec_field("coco_panoptic", description="Annotation format (ade: semantic label PNGs listed in "
+                                                        "annot_file).", enum=["coco", "coco_panoptic", "ade"])
     img_dir: Optional[str] = spec_field(None, description="Image folder or images.tar.gz (path, file:// or s3://).",
                                         nullable=True)
     instance_json: Optional[str] = spec_field(None, description="COCO instance annotations (annotations.json).",
@@ -22,6 +23,10 @@ class SplitConfig:
                                                                 "(annotations_panoptic.json).", nullable=True)
     panoptic_dir: Optional[str] = spec_field(None, description="Panoptic PNG folder or images_panoptic.tar.gz.",
                                              nullable=True)
+    annot_file: Optional[str] = spec_field(None, description="ade: JSONL, one {\"img\": ..., \"segm\": ...} per "
+                                                             "line (paths relative to root_dir).", nullable=True)
+    root_dir: Optional[str] = spec_field(None, description="ade: folder or .tar.gz the annot_file paths are relative "
+                                                           "to (empty: the annot_file's folder).", nullable=True)
     batch_size: int = spec_field(1, description="Images per batch and device.", minimum=1, popular=True)
     num_workers: int = spec_field(2, description="Data-loading worker processes.", minimum=0)
 
