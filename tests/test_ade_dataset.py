@@ -131,10 +131,16 @@ def _tao_checkpoint_folder(checkpoint: Path, folder: Path) -> Path:
     return folder
 
 
+def model_and_data(spec: dict) -> dict:
+    """The sections evaluate and inference read."""
+    return {key: value for key, value in spec.items() if key in ("model", "dataset")}
+
+
 @pytest.mark.slow
 def test_train_evaluate_and_infer_on_an_ade_root_from_disk(tmp_path, roots):
-    spec_path = write_spec(tmp_path / "spec.yaml", ade_spec(roots, num_epochs=2))
-    trained = run_train_cli(spec_path, tmp_path / "train")
+    spec = ade_spec(roots, num_epochs=2)
+    trained = run_train_cli(write_spec(tmp_path / "train.yaml", spec), tmp_path / "train")
+    spec_path = write_spec(tmp_path / "spec.yaml", model_and_data(spec))
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert "mIoU" in results.read_metrics(tmp_path / "train")
 
@@ -156,7 +162,7 @@ def test_train_evaluate_and_infer_on_an_ade_root_from_disk(tmp_path, roots):
                  f"evaluate.checkpoint={tao}"]) == 0
     tao_miou = results.read_metrics(tmp_path / "eval_tao")["mIoU"]
     assert abs(tao_miou - metrics["mIoU"]) < 2.0, (tao_miou, metrics["mIoU"])
-    tuned = run_train_cli(spec_path, tmp_path / "tune", overrides=[
+    tuned = run_train_cli(tmp_path / "train.yaml", tmp_path / "tune", overrides=[
         f"train.pretrained_model_path={tao / 'model_epoch_000_step_00004.pth'}", "train.num_epochs=1",
         f"model.sem_seg_head.num_classes={NUM_CLASSES}"])
     assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
@@ -186,9 +192,9 @@ def test_train_and_evaluate_on_ade_roots_staged_from_s3(tmp_path, roots, s3_env)
     for split in ("train", "val"):
         spec["dataset"][split] = {"batch_size": 2, "num_workers": 0}
     del spec["dataset"]["label_map"]
-    spec_path = write_spec(tmp_path / "spec.yaml", spec)
     words = [f"{key}={value}" for key, value in staged.items()]
-    trained = run_train_cli(spec_path, tmp_path / "train", overrides=words)
+    trained = run_train_cli(write_spec(tmp_path / "train.yaml", spec), tmp_path / "train", overrides=words)
+    spec_path = write_spec(tmp_path / "spec.yaml", model_and_data(spec))
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     evaluate_words = [word for word in words if not word.startswith("dataset.train.")]
     assert main(["evaluate", "-e", str(spec_path), "--results-dir", str(tmp_path / "eval"),

@@ -102,7 +102,7 @@ def _forward_loop(batches: List[torch.Tensor], device: torch.device):
 
 
 def _val_dataset(config: Any):
-    if not any(getattr(config.dataset.val, key) for key in ("img_dir", "instance_json", "panoptic_json")):
+    if not any(getattr(config.dataset.val, key) for key in ("img_dir", "instance_json", "panoptic_json", "annot_file")):
         return None
     try:
         return build_datasets(config, "val")

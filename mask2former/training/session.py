@@ -75,7 +75,8 @@ class TrainingOutcome:
 
 def has_validation_split(config: Any) -> bool:
     val = config.dataset.val
-    return any(getattr(val, key) for key in ("img_dir", "instance_json", "panoptic_json", "panoptic_dir"))
+    return any(getattr(val, key) for key in ("img_dir", "instance_json", "panoptic_json", "panoptic_dir",
+                                             "annot_file"))
 
 
 def build_training_datasets(config: Any) -> TrainingDatasets:
@@ -98,7 +99,7 @@ def build_training_datasets(config: Any) -> TrainingDatasets:
 
 def _annotation_file(config: Any) -> str:
     split = config.dataset.train
-    return str(split.panoptic_json if split.type == "coco_panoptic" else split.instance_json)
+    return str({"coco_panoptic": split.panoptic_json, "ade": split.annot_file}.get(split.type, split.instance_json))
 
 
 RESUME_KEYS = ("optimizer_states", "lr_schedulers", "loops")
