@@ -118,3 +118,22 @@ def test_the_never_logit_vanishes_in_half_precision():
     logits = torch.tensor([NEVER_LOGIT, 0.0, 3.0], dtype=torch.float16)
     assert F.softmax(logits.float(), dim=-1)[0].item() == 0.0
     assert np.isfinite(logits.numpy()).all()
+
+
+def test_export_and_quantize_take_a_tao_result_folder(reference, tmp_path):
+    """The actions' door: a TAO result folder (its latest link) as export.checkpoint and quantize.model_path."""
+    from mask2former import results
+
+    folder = tmp_path / "tao_train"
+    folder.mkdir()
+    tao_checkpoint(reference, folder / "model_epoch_009_step_01000.pth")
+    (folder / "mask2former_model_latest.pth").symlink_to(folder / "model_epoch_009_step_01000.pth")
+    out = tmp_path / "export"
+    assert main(["export", "--results-dir", str(out), f"export.checkpoint={folder}", "export.input_height=64",
+                 "export.input_width=64", "model.mode=semantic"]) == 0, results.read_status(out)[-1:]
+    assert results.read_status(out)[-1]["kpi"]["parity_max_abs_diff"] < 1e-3
+    out = tmp_path / "quantize"
+    assert main(["quantize", "--results-dir", str(out), f"quantize.model_path={folder}", "model.mode=semantic",
+                 "dataset.augmentation.test_min_size=64", "dataset.augmentation.test_max_size=64"]) == 0, \
+        results.read_status(out)[-1:]
+    assert (out / "quantized_model_torchao.pth").is_file()
