@@ -120,6 +120,7 @@ def test_the_never_logit_vanishes_in_half_precision():
     assert np.isfinite(logits.numpy()).all()
 
 
+@pytest.mark.slow
 def test_export_and_quantize_take_a_tao_result_folder(reference, tmp_path):
     """The actions' door: a TAO result folder (its latest link) as export.checkpoint and quantize.model_path."""
     from mask2former import results
