@@ -105,6 +105,26 @@ def test_import_weights_format_tao_writes_a_checkpoint_of_this_tool(reference, t
     torch.testing.assert_close(our_semantic(out), semantic, rtol=1e-6, atol=1e-7)
 
 
+def test_the_reading_actions_contiguous_id_lays_out_the_class_head(reference, tmp_path):
+    """evaluate/inference read a TAO file with their spec's dataset.contiguous_id: true -> K classes, TAO class
+    j + 1 is class j, logits as the reference's."""
+    from mask2former import runtime
+    from mask2former.config import load_spec
+
+    path = tao_checkpoint(reference, tmp_path / "tao.pth")
+    words = {"evaluate.checkpoint": str(path), "dataset.val.type": "ade", "dataset.val.annot_file": "v.jsonl",
+             "dataset.label_map": "l.json", "model.mode": "semantic"}
+    for contiguous, classes in ((True, K), (False, K + 1)):
+        config = load_spec("evaluate", overrides={**words, "dataset.contiguous_id": contiguous})
+        runner = runtime.load_runner("checkpoint", path, config, "cpu")
+        assert runner.num_classes == classes
+    model, _ = build_model_from_checkpoint(path, tao_contiguous_id=True)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images)["pred_logits"], reference(images)["pred_logits"], rtol=1e-5,
+                                   atol=1e-6)
+
+
 def test_a_tao_checkpoint_with_unknown_weights_is_refused_naming_them(reference, tmp_path):
     path = tao_checkpoint(reference, tmp_path / "tao.pth")
     payload = torch.load(path, weights_only=True)

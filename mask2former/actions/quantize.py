@@ -218,7 +218,8 @@ def run(config: Any, job: Job) -> ActionResult:
     parent = resolve_model_file("quantize.model_path", section.model_path)
     require_model_key(parent, config.encryption_key)
     try:
-        payload = read_checkpoint(parent, encryption_key=config.encryption_key)
+        payload = read_checkpoint(parent, encryption_key=config.encryption_key,
+                                  tao_contiguous_id=config.dataset.contiguous_id)
         model, model_cfg = build_model_from_checkpoint(payload, config.model)
     except CheckpointError as exc:
         raise ActionError(str(exc)) from exc

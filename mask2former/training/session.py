@@ -140,7 +140,8 @@ def build_network(config: Any):
     if backbone_weights:
         load_backbone_weights(model, Path(backbone_weights))
     if config.train.pretrained_model_path:
-        load_pretrained_model(model, Path(config.train.pretrained_model_path), encryption_key=config.encryption_key)
+        load_pretrained_model(model, Path(config.train.pretrained_model_path), encryption_key=config.encryption_key,
+                              contiguous_id=config.dataset.contiguous_id)
     freeze_parameters(model, list(config.train.freeze))
     return model, build_criterion(config.model)
 
