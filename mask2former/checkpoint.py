@@ -10,6 +10,10 @@ A checkpoint is a ``torch.save``'d dict::
      "epoch": int, "global_step": int,
      ...}                            # train adds its resume state (optimizer_states, lr_schedulers, loops)
 
+A checkpoint of NVIDIA TAO's trainer (Lightning ``.pth``, TAO's parameter names) is recognised and read as one
+of these (:mod:`mask2former.model.tao_weights`: weights renamed, class head re-laid out for the reading action's
+``dataset.contiguous_id``; export, which has no dataset section, takes TAO's default false).
+
 The architecture of a saved model comes from its checkpoint, so evaluate, export and quantize rebuild
 exactly what was trained; their spec's post-processing keys (mode, thresholds, top-k) still apply.
 
@@ -34,6 +38,7 @@ import torch
 from . import crypto
 from .config.loader import _from_dict
 from .config.model import ModelConfig, resolve_swin
+from .model.tao_weights import convert_tao_payload, is_tao_payload
 
 FORMAT = "mask2former-airflow/1"
 POSTPROCESS_KEYS = ("mode", "object_mask_threshold", "overlap_threshold", "test_topk_per_image")
@@ -92,8 +97,10 @@ def checkpoint_source(path: PathLike, encryption_key: Optional[str] = None) -> U
         raise CheckpointError(str(exc)) from None
 
 
-def read_checkpoint(path: PathLike, encryption_key: Optional[str] = None) -> Dict[str, Any]:
-    """The checkpoint payload; an encrypted file is decrypted in memory with ``encryption_key``."""
+def read_checkpoint(path: PathLike, encryption_key: Optional[str] = None, *,
+                    tao_contiguous_id: bool = False) -> Dict[str, Any]:
+    """The checkpoint payload; an encrypted file is decrypted in memory with ``encryption_key``. A TAO checkpoint
+    comes back converted, its class head laid out for ``tao_contiguous_id`` (the spec's dataset.contiguous_id)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
@@ -104,7 +111,13 @@ def read_checkpoint(path: PathLike, encryption_key: Optional[str] = None) -> Dic
         raise CheckpointError(f"Checkpoint '{path}' cannot be read as a model checkpoint: {exc}") from None
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise CheckpointError(f"Checkpoint '{path}' holds no 'state_dict'; expected a checkpoint written by this "
-                              "tool or by `python -m mask2former import-weights`.")
+                              "tool, by `python -m mask2former import-weights` or by NVIDIA TAO's trainer.")
+    if is_tao_payload(payload):
+        try:
+            payload = convert_tao_payload(payload, contiguous_id=tao_contiguous_id, source=str(path))
+        except ValueError as exc:
+            raise CheckpointError(f"Checkpoint '{path}' looks like NVIDIA TAO's but cannot be mapped: {exc}") from None
+        payload["format"] = FORMAT
     return payload
 
 
@@ -145,11 +158,13 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def build_model_from_checkpoint(source: Union[PathLike, Dict[str, Any]],
                                 model_cfg: Optional[ModelConfig] = None,
-                                encryption_key: Optional[str] = None) -> Tuple[torch.nn.Module, ModelConfig]:
-    """Rebuild the saved model in eval mode, weights loaded strictly."""
+                                encryption_key: Optional[str] = None,
+                                tao_contiguous_id: bool = False) -> Tuple[torch.nn.Module, ModelConfig]:
+    """Rebuild the saved model in eval mode, weights loaded strictly (``tao_contiguous_id``: see read_checkpoint)."""
     from .model import build_model
 
-    payload = source if isinstance(source, dict) else read_checkpoint(source, encryption_key=encryption_key)
+    payload = source if isinstance(source, dict) else read_checkpoint(source, encryption_key=encryption_key,
+                                                                      tao_contiguous_id=tao_contiguous_id)
     config = model_config_from(payload, model_cfg)
     config.backbone.pretrained_weights = None
     model = build_model(config)

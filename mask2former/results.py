@@ -40,6 +40,12 @@ CHOOSE_METHODS = ("best_model", "latest_model", "from_epoch_number")
 PARENT_KINDS = ("checkpoint", "onnx", "engine", "quantized")
 
 _CHECKPOINT_RE = re.compile(r"^model_epoch_(\d{3,})_step_(\d{6,})\.pth$")
+#: Checkpoints written by NVIDIA TAO's trainer: ``model_epoch_009_step_01000.pth`` (5-digit steps), older
+#: Lightning names ``model_epoch=099.pth`` / ``model_epoch=099_step=01000.pth`` and their version suffix
+#: (``model_epoch=129-v1.pth``). Read by the parent-model resolver only; train writes and resumes its own names.
+_TAO_CHECKPOINT_RE = re.compile(r"^model_epoch[=_](\d+)(?:[_-]step[=_](\d+))?(?:-v(\d+))?\.pth$")
+#: TAO's link to its newest checkpoint: ``<model name>_latest.pth`` (``mask2former_model_latest.pth``).
+_TAO_LATEST_SUFFIX = "_latest.pth"
 _QUANTIZED_RE = re.compile(r"^quantized_model_\w+\.(pth|onnx)$")
 
 
@@ -198,6 +204,31 @@ def list_checkpoints(results_dir: PathLike) -> List[CheckpointInfo]:
     return sorted(found, key=lambda c: (c.epoch, c.step))
 
 
+def list_parent_checkpoints(results_dir: PathLike) -> List[CheckpointInfo]:
+    """Epoch checkpoints of a parent folder, oldest first: this tool's names and TAO's (a TAO name without a
+    step sorts before this epoch's named steps; versions ``-vN`` after the unversioned file)."""
+    folder = Path(results_dir)
+    found = []
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            match = _CHECKPOINT_RE.match(entry.name) or _TAO_CHECKPOINT_RE.match(entry.name)
+            if match and entry.is_file():
+                groups = match.groups() + (None,) * (3 - len(match.groups()))
+                found.append((int(groups[2] or 0), CheckpointInfo(entry, int(groups[0]), int(groups[1] or -1))))
+    return [info for _, info in sorted(found, key=lambda item: (item[1].epoch, item[1].step, item[0]))]
+
+
+def latest_checkpoint_link(results_dir: PathLike) -> Optional[Path]:
+    """``model_latest.pth``, else TAO's ``*_latest.pth`` (e.g. ``mask2former_model_latest.pth``), when present."""
+    folder = Path(results_dir)
+    if (folder / LATEST_CHECKPOINT).is_file():
+        return folder / LATEST_CHECKPOINT
+    if not folder.is_dir():
+        return None
+    links = sorted(p for p in folder.iterdir() if p.name.endswith(_TAO_LATEST_SUFFIX) and p.is_file())
+    return links[0] if links else None
+
+
 def record_best(results_dir: PathLike, *, epoch: int, step: int, metric: str, value: float,
                 checkpoint: str) -> None:
     write_json(Path(results_dir) / BEST_FILE,
@@ -226,7 +257,8 @@ def resolve_parent_model(results_dir: PathLike, kind: str = "checkpoint", choose
 
     checkpoint: ``best_model`` (the best validation epoch, else the latest checkpoint when the run had
     no validation), ``latest_model`` or ``from_epoch_number`` (``epoch``). onnx, engine, quantized: the
-    one such file in the folder.
+    one such file in the folder. A folder of NVIDIA TAO's training holds no best-epoch record: best and
+    latest are its ``*_latest.pth`` link, else its newest ``model_epoch...`` checkpoint.
     """
     folder = Path(results_dir)
     if kind not in PARENT_KINDS:
@@ -241,7 +273,7 @@ def resolve_parent_model(results_dir: PathLike, kind: str = "checkpoint", choose
         candidates = sorted(p for p in folder.glob("quantized_model_*") if _QUANTIZED_RE.match(p.name)) \
             if folder.is_dir() else []
         return _single(folder, candidates, "a quantized model (quantized_model_<backend>.pth|.onnx)")
-    checkpoints = list_checkpoints(folder)
+    checkpoints = list_parent_checkpoints(folder)
     if choose == "from_epoch_number":
         if epoch is None:
             raise ValueError("choose=from_epoch_number needs epoch")
@@ -253,8 +285,8 @@ def resolve_parent_model(results_dir: PathLike, kind: str = "checkpoint", choose
         best = read_best(folder)
         if best and (folder / best["checkpoint"]).is_file():
             return folder / best["checkpoint"]
-    latest = folder / LATEST_CHECKPOINT
-    if latest.is_file():
+    latest = latest_checkpoint_link(folder)
+    if latest is not None:
         return latest
     if checkpoints:
         return checkpoints[-1].path

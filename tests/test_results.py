@@ -62,6 +62,25 @@ def test_best_falls_back_to_latest_without_validation(tmp_path):
     assert results.resolve_parent_model(tmp_path).name == "model_epoch_001_step_000005.pth"
 
 
+def test_tao_result_folders_resolve_best_latest_and_epoch(tmp_path):
+    """A folder of NVIDIA TAO's training: 5-digit steps, Lightning's older `epoch=` names with `-vN` versions,
+    and the `mask2former_model_latest.pth` link (a symlink, as TAO writes it)."""
+    for name in ("model_epoch_008_step_00900.pth", "model_epoch_009_step_01000.pth", "model_epoch=099.pth",
+                 "model_epoch=099-v1.pth", "model_epoch=012_step=01300.pth"):
+        touch(tmp_path / name)
+    assert results.resolve_parent_model(tmp_path).name == "model_epoch=099-v1.pth"  # no record: the newest
+    assert results.resolve_parent_model(tmp_path, choose="from_epoch_number", epoch=9).name == \
+        "model_epoch_009_step_01000.pth"
+    assert results.resolve_parent_model(tmp_path, choose="from_epoch_number", epoch=12).name == \
+        "model_epoch=012_step=01300.pth"
+    assert results.resolve_parent_model(tmp_path, choose="from_epoch_number", epoch=99).name == \
+        "model_epoch=099-v1.pth"
+    (tmp_path / "mask2former_model_latest.pth").symlink_to(tmp_path / "model_epoch_009_step_01000.pth")
+    for choose in ("best_model", "latest_model"):
+        assert results.resolve_parent_model(tmp_path, choose=choose).name == "mask2former_model_latest.pth"
+    assert results.list_checkpoints(tmp_path) == []  # train resumes from its own names only
+
+
 def test_resolve_other_kinds(tmp_path):
     touch(tmp_path / "model.onnx")
     touch(tmp_path / "model.engine")

@@ -57,6 +57,23 @@ def test_data_actions_get_the_full_table(action: str, fmt: str) -> None:
     assert plan == expected_overrides(action, fmt)
 
 
+@pytest.mark.parametrize("action", ["train", "evaluate", "inference", "quantize"])
+def test_ade_roots_give_the_jsonl_and_the_root_archive(action: str) -> None:
+    table = {
+        "dataset.train.type": "ade",
+        "dataset.label_map": f"{TRAIN}/label_map.json",
+        "dataset.train.annot_file": f"{TRAIN}/annotations.jsonl",
+        "dataset.train.root_dir": f"{TRAIN}/root.tar.gz",
+        "dataset.val.type": "ade",
+        "dataset.val.annot_file": f"{EVAL}/annotations.jsonl",
+        "dataset.val.root_dir": f"{EVAL}/root.tar.gz",
+        "dataset.test.img_dir": f"{EVAL}/images.tar.gz",
+    }
+    if action == "quantize":
+        table["dataset.quant_calibration_dataset.images_dir"] = f"{TRAIN}/images.tar.gz"
+    assert plan_data_sources(action, TRAIN, EVAL, "ade", exists=everything) == table
+
+
 def test_train_panoptic_table_literally() -> None:
     plan = plan_data_sources("train", ["s3://b/t/"], "s3://b/v", "coco_panoptic", exists=everything)
     assert plan == {

@@ -103,7 +103,7 @@ def _forward_loop(batches: List[torch.Tensor], device: torch.device):
 
 
 def _val_dataset(config: Any):
-    if not any(getattr(config.dataset.val, key) for key in ("img_dir", "instance_json", "panoptic_json")):
+    if not any(getattr(config.dataset.val, key) for key in ("img_dir", "instance_json", "panoptic_json", "annot_file")):
         return None
     try:
         return build_datasets(config, "val")
@@ -219,7 +219,8 @@ def run(config: Any, job: Job) -> ActionResult:
     parent = resolve_model_file("quantize.model_path", section.model_path)
     require_model_key(parent, config.encryption_key)
     try:
-        payload = read_checkpoint(parent, encryption_key=config.encryption_key)
+        payload = read_checkpoint(parent, encryption_key=config.encryption_key,
+                                  tao_contiguous_id=config.dataset.contiguous_id)
         model, model_cfg = build_model_from_checkpoint(payload, config.model)
     except CheckpointError as exc:
         raise ActionError(str(exc)) from exc

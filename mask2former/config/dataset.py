@@ -13,12 +13,13 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 # Annotation formats a split may name (dataset.<split>.type and dataset.type).
-DATASET_TYPES = ["coco", "coco_panoptic"]
+DATASET_TYPES = ["coco", "coco_panoptic", "ade"]
 
 
 @dataclass
 class SplitConfig:
-    type: str = spec_field("coco_panoptic", description="Annotation format.", enum=DATASET_TYPES)
+    type: str = spec_field("coco_panoptic", description="Annotation format (ade: semantic label PNGs listed in "
+                                                        "annot_file).", enum=DATASET_TYPES)
     name: str = spec_field("", description="Dataset name.", no_effect="a split is known by its files; TAO's "
                                                                       "dataset name is only a label.")
     img_dir: Optional[str] = spec_field(None, description="Image folder or images.tar.gz (path, file:// or s3://).",
@@ -29,6 +30,10 @@ class SplitConfig:
                                                                 "(annotations_panoptic.json).", nullable=True)
     panoptic_dir: Optional[str] = spec_field(None, description="Panoptic PNG folder or images_panoptic.tar.gz.",
                                              nullable=True)
+    annot_file: Optional[str] = spec_field(None, description="ade: JSONL, one {\"img\": ..., \"segm\": ...} per "
+                                                             "line (paths relative to root_dir).", nullable=True)
+    root_dir: Optional[str] = spec_field(None, description="ade: folder or .tar.gz the annot_file paths are relative "
+                                                           "to (empty: the annot_file's folder).", nullable=True)
     batch_size: int = spec_field(1, description="Images per batch and device.", minimum=1, popular=True)
     num_workers: int = spec_field(2, description="Data-loading worker processes.", minimum=0)
     target_size: List[int] = spec_field([], description="TAO's fixed [width, height] resize of every image "

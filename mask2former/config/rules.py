@@ -62,6 +62,13 @@ def _check_pixel_scale(config: ExperimentConfig) -> None:
 
 def _split_needs(mode: str, split_name: str, split: object) -> Optional[str]:
     """Why a split cannot feed the given mode, or None."""
+    if split.type == "ade":
+        if not split.annot_file:
+            return f"dataset.{split_name}.type ade needs dataset.{split_name}.annot_file (JSONL of img/segm pairs)"
+        if mode != "semantic":
+            return (f"dataset.{split_name}.type ade holds semantic labels only, so model.mode must be semantic "
+                    f"(it is {mode})")
+        return None
     has_panoptic = bool(split.panoptic_json and split.panoptic_dir)
     has_instance = bool(split.instance_json)
     if not split.img_dir:
@@ -76,7 +83,7 @@ def _split_needs(mode: str, split_name: str, split: object) -> Optional[str]:
 
 
 def _split_is_set(split: object) -> bool:
-    return any(getattr(split, k) for k in ("img_dir", "instance_json", "panoptic_json", "panoptic_dir"))
+    return any(getattr(split, k) for k in ("img_dir", "instance_json", "panoptic_json", "panoptic_dir", "annot_file"))
 
 
 def _check_data(action: str, config: ExperimentConfig) -> None:
@@ -89,9 +96,9 @@ def _check_data(action: str, config: ExperimentConfig) -> None:
     elif action == "evaluate" and not config.evaluate.predictions:
         needed.append("val")
     elif action == "evaluate":
-        if not (ds.val.instance_json or ds.val.panoptic_json):
-            raise SpecError("evaluate.predictions needs ground truth: dataset.val.panoptic_json (with panoptic_dir) "
-                            "or dataset.val.instance_json.")
+        if not (ds.val.instance_json or ds.val.panoptic_json or ds.val.annot_file):
+            raise SpecError("evaluate.predictions needs ground truth: dataset.val.panoptic_json (with panoptic_dir), "
+                            "dataset.val.instance_json or dataset.val.annot_file (type ade).")
     elif action == "quantize" and _split_is_set(ds.val):
         needed.append("val")
     for split_name in needed:

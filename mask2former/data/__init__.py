@@ -1,4 +1,4 @@
-"""Data: COCO / COCO-panoptic readers, label maps, augmentation, torch datasets, staging, synthetic data.
+"""Data: COCO / COCO-panoptic / ADE readers, label maps, augmentation, torch datasets, staging, synthetic data.
 
 Importing this package is light (no torch, numpy or PIL): the Airflow layer imports
 ``mask2former.data.sources`` at DAG-parse time. The names below are loaded on first use::
@@ -15,6 +15,7 @@ _LAZY = {
     "LabelMap": "label_map",
     "CocoInstanceReader": "coco",
     "CocoPanopticReader": "coco_panoptic",
+    "AdeReader": "ade",
     "load_rgb": "images",
     "TrainTransform": "transforms",
     "EvalTransform": "transforms",

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from .ade import AdeReader
 from .coco import CocoInstanceReader
 from .coco_panoptic import CocoPanopticReader
 from .dataset import ImageFolderDataset, SegmentationDataset, collate_batch
@@ -56,7 +57,10 @@ def build_reader(section: Any, *, prefix: str):
         _require(section, ["img_dir", "panoptic_json", "panoptic_dir"], prefix=prefix, kind="coco_panoptic")
         return CocoPanopticReader(annotation_file=section.panoptic_json, img_dir=section.img_dir,
                                   panoptic_dir=section.panoptic_dir, spec_section=prefix)
-    raise ValueError(f"{prefix}.type={section.type!r} is not one of ['coco', 'coco_panoptic']")
+    if section.type == "ade":
+        _require(section, ["annot_file"], prefix=prefix, kind="ade")
+        return AdeReader(annotation_file=section.annot_file, root_dir=section.root_dir or None, spec_section=prefix)
+    raise ValueError(f"{prefix}.type={section.type!r} is not one of ['coco', 'coco_panoptic', 'ade']")
 
 
 def build_datasets(cfg: Any, split: str) -> SegmentationDataset:

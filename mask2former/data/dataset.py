@@ -21,6 +21,7 @@ import torch
 from pycocotools import mask as mask_util
 from torch.utils.data import Dataset, default_collate
 
+from .ade import AdeReader
 from .coco import CocoInstanceReader
 from .coco_panoptic import CocoPanopticReader
 from .folders import open_folder
@@ -29,7 +30,7 @@ from .label_map import LabelMap
 from .targets import GroundTruth, build_ground_truth, build_targets, check_mode, semantic_masks
 from .transforms import IGNORE_LABEL, EvalTransform, Sample, TrainTransform
 
-Reader = Union[CocoInstanceReader, CocoPanopticReader]
+Reader = Union[CocoInstanceReader, CocoPanopticReader, AdeReader]
 Transform = Union[TrainTransform, EvalTransform]
 
 
@@ -42,7 +43,7 @@ def _random_generator(transform: Transform) -> Optional[np.random.Generator]:
 
 
 class SegmentationDataset(Dataset):
-    """Annotated images (COCO instance or COCO panoptic) as model inputs and targets."""
+    """Annotated images (COCO instance, COCO panoptic or ADE label PNGs) as model inputs and targets."""
 
     def __init__(self, *, reader: Reader, label_map: LabelMap, transform: Transform, mode: str) -> None:
         self.reader = reader

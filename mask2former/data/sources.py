@@ -1,7 +1,7 @@
 """Where a job's data lives: dataset roots -> per-action data-source overrides.
 
 A job names one training dataset root and optionally one evaluation dataset root (``s3://bucket/prefix``,
-``file:///path`` or a plain path) plus a format (``coco`` or ``coco_panoptic``).
+``file:///path`` or a plain path) plus a format (``coco``, ``coco_panoptic`` or ``ade``).
 :func:`plan_data_sources` turns them into the flat dotted overrides of the spec (``dataset.train.img_dir``
 etc.) that the action needs; the Airflow side's storage hook later makes every URI local (staging).
 
@@ -33,13 +33,15 @@ DATA_ACTIONS = ("train", "evaluate", "inference", "quantize")
 #: Actions that take no dataset.
 NO_DATA_ACTIONS = ("export", "gen_trt_engine")
 ACTIONS = DATA_ACTIONS + NO_DATA_ACTIONS
-DATASET_FORMATS = ("coco", "coco_panoptic")
+DATASET_FORMATS = ("coco", "coco_panoptic", "ade")
 
 IMAGES_ARCHIVE = "images.tar.gz"
 INSTANCE_JSON = "annotations.json"
 PANOPTIC_JSON = "annotations_panoptic.json"
 PANOPTIC_ARCHIVE = "images_panoptic.tar.gz"
-LABEL_MAP_BY_FORMAT = {"coco": "label_map.json", "coco_panoptic": "label_map_panoptic.json"}
+ADE_JSONL = "annotations.jsonl"
+ADE_ROOT_ARCHIVE = "root.tar.gz"
+LABEL_MAP_BY_FORMAT = {"coco": "label_map.json", "coco_panoptic": "label_map_panoptic.json", "ade": "label_map.json"}
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -129,7 +131,10 @@ def _single_train_root(train_datasets: str | Sequence[str] | None, *, action: st
     return roots[0]
 
 
-def _split_files(prefix: str, root: str) -> dict[str, str]:
+def _split_files(prefix: str, root: str, dataset_format: str) -> dict[str, str]:
+    if dataset_format == "ade":  # the JSONL names images and label PNGs inside root.tar.gz
+        return {f"dataset.{prefix}.annot_file": join_uri(root, ADE_JSONL),
+                f"dataset.{prefix}.root_dir": join_uri(root, ADE_ROOT_ARCHIVE)}
     return {
         f"dataset.{prefix}.img_dir": join_uri(root, IMAGES_ARCHIVE),
         f"dataset.{prefix}.instance_json": join_uri(root, INSTANCE_JSON),
@@ -150,6 +155,9 @@ def plan_data_sources(
     train/evaluate/inference/quantize get ``dataset.train.*`` and ``dataset.label_map`` from the training
     root and, when ``eval_dataset`` is given, ``dataset.val.*`` and ``dataset.test.img_dir`` from it;
     quantize adds ``dataset.quant_calibration_dataset.images_dir``; export and gen_trt_engine get ``{}``.
+    An ``ade`` root gives ``annot_file`` (``annotations.jsonl``) and ``root_dir`` (``root.tar.gz``, the images
+    and label PNGs the JSONL names) instead of the COCO files; its ``images.tar.gz`` (the images alone) is
+    still what inference and calibration read.
     A file for which ``exists`` returns False is left out (default: :func:`local_source_exists`); the
     action that needs it fails later, naming it.
     """
@@ -166,12 +174,11 @@ def plan_data_sources(
         raise ValueError(f"eval_dataset must be one dataset root (a non-empty string) or None, got {eval_dataset!r}")
 
     files = {
-        "dataset.train.img_dir": join_uri(train_root, IMAGES_ARCHIVE),
         "dataset.label_map": join_uri(train_root, LABEL_MAP_BY_FORMAT[dataset_format]),
-        **_split_files("train", train_root),
+        **_split_files("train", train_root, dataset_format),
     }
     if eval_dataset is not None:
-        files.update(_split_files("val", eval_dataset))
+        files.update(_split_files("val", eval_dataset, dataset_format))
         files["dataset.test.img_dir"] = join_uri(eval_dataset, IMAGES_ARCHIVE)
     if action == "quantize":
         files["dataset.quant_calibration_dataset.images_dir"] = join_uri(train_root, IMAGES_ARCHIVE)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m mask2former.data.synthetic OUT --format {coco,coco_panoptic} --images N --size S --seed K
+    python -m mask2former.data.synthetic OUT --format {coco,coco_panoptic,ade} --images N --size S --seed K
                                              [--val-images M]
 
 Without ``--val-images`` one dataset root is written to OUT; with it, two roots: OUT/train (N images)
@@ -13,6 +13,10 @@ and OUT/val (M other images drawn from the same seed), ready to be named as ``tr
 - coco_panoptic: images.tar.gz, annotations_panoptic.json, images_panoptic.tar.gz,
                  label_map_panoptic.json (stuff and thing classes), and annotations.json (the things
                  as COCO instances, so mask AP can be computed)
+- ade:           images.tar.gz, root.tar.gz (images/NNNNNN.jpg and annotations/NNNNNN.png: 8-bit label PNGs
+                 whose values are category ids, 0 unlabelled), annotations.jsonl ({"img", "segm"} per line,
+                 relative to root.tar.gz's folder), label_map.json, and annotations.json (the things as COCO
+                 instances)
 
 Each S x S image has textured stuff regions (sky at the top, ground and/or water below a wavy
 horizon) and 1-5 things (circles, rectangles, triangles) in class-specific colours with noise, of
@@ -39,7 +43,7 @@ from pycocotools import mask as mask_util
 
 from .coco_panoptic import id_to_rgb
 
-FORMATS = ("coco", "coco_panoptic")
+FORMATS = ("coco", "coco_panoptic", "ade")
 STUFF = ({"id": 1, "name": "sky", "color": [110, 170, 235], "isthing": 0},
          {"id": 2, "name": "ground", "color": [125, 95, 55], "isthing": 0},
          {"id": 3, "name": "water", "color": [30, 95, 125], "isthing": 0})
@@ -231,7 +235,7 @@ def write_dataset(out_dir: str | Path, *, dataset_format: str, num_images: int, 
         raise ValueError(f"need --images >= 1 and --size >= 32, got {num_images} and {size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jpegs, pngs, images, instances, panoptic = [], [], [], [], []
+    jpegs, pngs, images, instances, panoptic, ade_lines = [], [], [], [], [], []
     for index in range(num_images):
         image_id = index + 1
         rng = np.random.default_rng([seed, stream, index])
@@ -251,11 +255,23 @@ def write_dataset(out_dir: str | Path, *, dataset_format: str, num_images: int, 
             panoptic.append({"image_id": image_id, "file_name": png_name, "segments_info": [
                 {"id": s.segment_id, "category_id": s.category_id, "iscrowd": int(s.iscrowd),
                  "area": int(s.mask.sum()), "bbox": _bbox(s.mask)} for s in segments]})
+        if dataset_format == "ade":
+            labels = np.zeros((size, size), dtype=np.uint8)  # 0: unlabelled, as crowds are here
+            for segment in segments:
+                if not segment.iscrowd:
+                    labels[segment.mask] = segment.category_id
+            pngs.append((f"annotations/{image_id:06d}.png", _encode(labels, "PNG")))
+            ade_lines.append({"img": f"images/{file_name}", "segm": f"annotations/{image_id:06d}.png"})
     _write_tar_gz(out / "images.tar.gz", jpegs)
     things = [dict(thing) for thing in THINGS]
     _write_json(out / "annotations.json", {"images": images, "annotations": instances, "categories": things})
     if dataset_format == "coco":
         _write_json(out / "label_map.json", things)
+    elif dataset_format == "ade":
+        _write_tar_gz(out / "root.tar.gz", [(f"images/{name}", data) for name, data in jpegs] + pngs)
+        (out / "annotations.jsonl").write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in ade_lines),
+                                               encoding="utf-8")
+        _write_json(out / "label_map.json", [dict(c) for c in STUFF + THINGS])
     else:
         categories = [dict(c) for c in STUFF + THINGS]
         _write_tar_gz(out / "images_panoptic.tar.gz", pngs)
@@ -285,7 +301,7 @@ def generate(out_dir: str | Path, *, dataset_format: str, num_images: int, size:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mask2former.data.synthetic",
-                                     description="Write a synthetic COCO or COCO-panoptic dataset root.")
+                                     description="Write a synthetic COCO, COCO-panoptic or ADE dataset root.")
     parser.add_argument("out", help="output folder (created); with --val-images, OUT/train and OUT/val")
     parser.add_argument("--format", dest="dataset_format", choices=FORMATS, default="coco_panoptic")
     parser.add_argument("--images", type=int, default=32, help="number of (training) images")

@@ -11,6 +11,8 @@ Formats:
 - ``detectron2``: the original repository's ``.pkl`` (a pickled dict whose ``model`` holds numpy
   arrays; read with an unpickler that only admits numpy arrays) or ``.pth`` checkpoint.
 - ``swin``: an official Swin classification checkpoint (weights under ``model``) -> backbone only.
+- ``tao``: a checkpoint of NVIDIA TAO's Mask2Former trainer (Lightning ``.pth``); its class head is re-laid
+  out (:mod:`mask2former.model.tao_weights`).
 
 ``cli_import_weights(args)`` implements ``python -m mask2former import-weights``.
 """
@@ -29,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMATS = ("hf", "detectron2", "swin")
+from .tao_weights import relayout_class_head, tao_rules
+
+FORMATS = ("hf", "detectron2", "swin", "tao")
 CHECKPOINT_FORMAT_VERSION = 1
 CLASS_HEAD_KEYS = ("transformer_decoder.class_embed.weight", "transformer_decoder.class_embed.bias")
 
@@ -255,7 +259,15 @@ SWIN_SKIP: List[Tuple[str, str]] = [
     (r"^norm\.(weight|bias)$", REASON_CLS_NORM),
 ]
 
-_RULES = {"hf": (HF_RULES, HF_SKIP), "detectron2": (DETECTRON2_RULES, DETECTRON2_SKIP), "swin": (SWIN_RULES, SWIN_SKIP)}
+TAO_RULES: List[Rule] = tao_rules(DETECTRON2_RULES)
+TAO_SKIP: List[Tuple[str, str]] = [
+    (r"relative_position_index$", REASON_DERIVED),
+    (r"\.attn_mask$", REASON_DERIVED),
+    (r"^criterion\.", REASON_LOSS),
+]
+
+_RULES = {"hf": (HF_RULES, HF_SKIP), "detectron2": (DETECTRON2_RULES, DETECTRON2_SKIP), "swin": (SWIN_RULES, SWIN_SKIP),
+          "tao": (TAO_RULES, TAO_SKIP)}
 
 # Split projections fused into one parameter: (pattern of the renamed key, fused name, part order).
 _FUSED = [
@@ -355,10 +367,11 @@ def load_renamed(model: nn.Module, renamed: Mapping[str, torch.Tensor], report: 
     return report
 
 
-def import_weights(model: nn.Module, source: Union[str, Path], format: str) -> ImportReport:
-    """Load ``source`` of ``format`` ('hf', 'detectron2' or 'swin') into ``model`` (a Mask2Former, or a
+def import_weights(model: nn.Module, source: Union[str, Path], format: str, *,
+                   contiguous_id: bool = False) -> ImportReport:
+    """Load ``source`` of ``format`` ('hf', 'detectron2', 'swin' or 'tao') into ``model`` (a Mask2Former, or a
     SwinTransformer for 'swin'); the model is changed in place. Never raises on key mismatches: read
-    the report."""
+    the report. ``contiguous_id`` (tao only) is the ``dataset.contiguous_id`` the TAO model was trained with."""
     if format not in FORMATS:
         raise ValueError(f"unknown weight format {format!r}; expected one of {list(FORMATS)}.")
     if format == "hf":
@@ -366,6 +379,8 @@ def import_weights(model: nn.Module, source: Union[str, Path], format: str) -> I
     else:
         state = read_checkpoint_file(source)
     renamed, skipped, unmatched = rename_state_dict(state, format)
+    if format == "tao":
+        relayout_class_head(renamed, contiguous_id=contiguous_id)
     report = ImportReport(source=str(source), format=format, unexpected=list(unmatched), skipped=dict(skipped))
     if format == "swin":
         if hasattr(model, "backbone"):
@@ -475,10 +490,21 @@ def _nest(dotted: Mapping[str, Any]) -> Dict[str, Any]:
     return tree
 
 
+def spec_contiguous_id(spec_path: Optional[str]) -> bool:
+    """``dataset.contiguous_id`` of a spec file (false when there is no spec or it does not say)."""
+    from ..config.loader import read_spec_file
+
+    if not spec_path:
+        return False
+    dataset = read_spec_file(spec_path).get("dataset") or {}
+    return bool(dataset.get("contiguous_id", False)) if isinstance(dataset, dict) else False
+
+
 def resolve_import_model_config(*, format: str, source: Union[str, Path], spec_path: Optional[str],
                                 overrides: Any) -> Any:
     """The typed ``model`` section for an import: from the spec when given, else from the source's
-    architecture (config.json or tensor shapes) over the spec defaults; ``overrides`` last."""
+    architecture (config.json or tensor shapes) over the spec defaults; ``overrides`` last. For TAO the
+    number of classes always comes from the checkpoint, whose class head is re-laid out."""
     from ..config import load_spec
     from ..config.loader import read_spec_file
 
@@ -490,6 +516,14 @@ def resolve_import_model_config(*, format: str, source: Union[str, Path], spec_p
     else:
         renamed, _, _ = rename_state_dict(read_checkpoint_file(source), format)
         model_section = _nest(model_overrides_from_state_dict(renamed))["model"]
+    if format == "tao":
+        renamed, _, _ = rename_state_dict(read_checkpoint_file(source), format)
+        relayout_class_head(renamed, contiguous_id=spec_contiguous_id(spec_path))
+        inferred = model_overrides_from_state_dict(renamed)
+        model_section = dict(model_section or {})
+        head = dict(model_section.get("sem_seg_head") or {})
+        head["num_classes"] = inferred["model.sem_seg_head.num_classes"]
+        model_section["sem_seg_head"] = head
     # The export action reads the model section only; its checkpoint key is a placeholder here.
     spec = {"model": model_section, "export": {"checkpoint": str(source)}}
     return load_spec("export", spec=spec, overrides=overrides or None).model
@@ -507,7 +541,7 @@ def save_checkpoint(model: nn.Module, model_config: Any, output: Union[str, Path
 
 
 def cli_import_weights(args: Any) -> int:
-    """``import-weights --format {hf,detectron2,swin} SOURCE OUTPUT.pth [-e SPEC] [key=value ...]``.
+    """``import-weights --format {hf,detectron2,swin,tao} SOURCE OUTPUT.pth [-e SPEC] [key=value ...]``.
 
     Prints the import report; exit status 0 when written, 1 when nothing could be loaded, 2 when the
     source cannot be read or describes an architecture this tool cannot build.
@@ -518,7 +552,8 @@ def cli_import_weights(args: Any) -> int:
         model_config = resolve_import_model_config(format=args.format, source=args.source, spec_path=args.spec,
                                                    overrides=list(args.overrides or []))
         model = build_model(model_config)
-        report = import_weights(model, args.source, args.format)
+        report = import_weights(model, args.source, args.format,
+                                contiguous_id=args.format == "tao" and spec_contiguous_id(args.spec))
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         print(f"error: {args.format} weights {args.source}: {exc}")
         return 2

@@ -32,11 +32,13 @@ class TorchRunner:
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path, Dict[str, Any]], *, model_cfg: Optional[ModelConfig],
-                        device: Union[str, torch.device], encryption_key: Optional[str] = None) -> "TorchRunner":
+                        device: Union[str, torch.device], encryption_key: Optional[str] = None,
+                        tao_contiguous_id: bool = False) -> "TorchRunner":
         """The checkpoint's architecture; mode, thresholds and top-k from ``model_cfg`` when given.
-        ``encryption_key`` opens an encrypted checkpoint."""
+        ``encryption_key`` opens an encrypted checkpoint; ``tao_contiguous_id``: see read_checkpoint."""
         try:
-            model, config = build_model_from_checkpoint(path, model_cfg, encryption_key=encryption_key)
+            model, config = build_model_from_checkpoint(path, model_cfg, encryption_key=encryption_key,
+                                                        tao_contiguous_id=tao_contiguous_id)
         except CheckpointError as exc:
             raise ActionError(str(exc)) from exc
         return cls(model, model_cfg=config, device=device)
@@ -50,5 +52,7 @@ class TorchRunner:
 
 def load(path: Union[str, Path], config: Any, device: torch.device) -> TorchRunner:
     """Runner loader of kind 'checkpoint' (see mask2former.runtime.load_runner)."""
+    dataset = getattr(config, "dataset", None)
     return TorchRunner.from_checkpoint(path, model_cfg=config.model, device=device,
-                                       encryption_key=getattr(config, "encryption_key", None))
+                                       encryption_key=getattr(config, "encryption_key", None),
+                                       tao_contiguous_id=bool(getattr(dataset, "contiguous_id", False)))

@@ -37,14 +37,16 @@ def load_backbone_weights(model: nn.Module, path: Path) -> ImportReport:
     return report
 
 
-def load_pretrained_model(model: nn.Module, path: Path, encryption_key: Optional[str] = None) -> ImportReport:
+def load_pretrained_model(model: nn.Module, path: Path, encryption_key: Optional[str] = None, *,
+                          contiguous_id: bool = False) -> ImportReport:
     """Weights of a checkpoint of this tool (or one written by ``import-weights``) into ``model``.
 
     The class head is skipped, with a log line, when its number of classes differs (fine-tuning to another
-    label set); any other difference of architecture is an error naming the keys.
+    label set); any other difference of architecture is an error naming the keys. A TAO checkpoint's class head
+    is laid out for ``contiguous_id`` (the spec's dataset.contiguous_id).
     """
     try:
-        payload = read_checkpoint(path, encryption_key=encryption_key)
+        payload = read_checkpoint(path, encryption_key=encryption_key, tao_contiguous_id=contiguous_id)
     except CheckpointError as error:
         raise TrainingSetupError(f"train.pretrained_model_path: {error}") from None
     report = ImportReport(source=str(path), format="checkpoint")

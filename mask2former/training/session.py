@@ -77,7 +77,8 @@ class TrainingOutcome:
 
 def has_validation_split(config: Any) -> bool:
     val = config.dataset.val
-    return any(getattr(val, key) for key in ("img_dir", "instance_json", "panoptic_json", "panoptic_dir"))
+    return any(getattr(val, key) for key in ("img_dir", "instance_json", "panoptic_json", "panoptic_dir",
+                                             "annot_file"))
 
 
 def build_training_datasets(config: Any) -> TrainingDatasets:
@@ -100,7 +101,7 @@ def build_training_datasets(config: Any) -> TrainingDatasets:
 
 def _annotation_file(config: Any) -> str:
     split = config.dataset.train
-    return str(split.panoptic_json if split.type == "coco_panoptic" else split.instance_json)
+    return str({"coco_panoptic": split.panoptic_json, "ade": split.annot_file}.get(split.type, split.instance_json))
 
 
 RESUME_KEYS = ("optimizer_states", "lr_schedulers", "loops")
@@ -141,7 +142,8 @@ def build_network(config: Any):
     if backbone_weights:
         load_backbone_weights(model, Path(backbone_weights))
     if config.train.pretrained_model_path:
-        load_pretrained_model(model, Path(config.train.pretrained_model_path), encryption_key=config.encryption_key)
+        load_pretrained_model(model, Path(config.train.pretrained_model_path), encryption_key=config.encryption_key,
+                              contiguous_id=config.dataset.contiguous_id)
     freeze_parameters(model, list(config.train.freeze))
     return model, build_criterion(config.model)
 

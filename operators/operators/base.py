@@ -50,7 +50,7 @@ from ..utils.parents import ParentError, resolve_parent
 #: Data-source keys of the training split, which only train reads (evaluate/inference/quantize keep
 #: the label map and their own splits, so their staging never downloads the training annotations).
 _TRAIN_SPLIT_KEYS = ("dataset.train.img_dir", "dataset.train.instance_json", "dataset.train.panoptic_json",
-                     "dataset.train.panoptic_dir")
+                     "dataset.train.panoptic_dir", "dataset.train.annot_file", "dataset.train.root_dir")
 
 
 def stale_after(check_interval: float) -> float:
@@ -72,7 +72,7 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
     :param train_datasets: training dataset root (``s3://``, ``file://`` or a path) holding
         images.tar.gz, annotations*.json, images_panoptic.tar.gz, label_map*.json.
     :param eval_dataset: evaluation dataset root (validation split, inference images).
-    :param dataset_format: ``coco`` or ``coco_panoptic`` (needed with a dataset root).
+    :param dataset_format: ``coco``, ``coco_panoptic`` or ``ade`` (needed with a dataset root).
     :param results_root: where job folders are published (local path or ``s3://``); default: the
         Variable ``mask2former_results_root``, env ``MASK2FORMER_RESULTS_ROOT``, ``$AIRFLOW_HOME/mask2former/results``.
     :param parent: the XCom dict of the upstream Mask2Former task whose model this one takes.

@@ -97,7 +97,7 @@ def test_trigger_form_mirrors_the_schemas(bag):
         assert param.value == spec["default"], name
         for keyword in ("type", "enum", "minimum", "maximum", "exclusiveMinimum"):
             assert param.schema.get(keyword) == spec.get(keyword), (name, keyword)
-    assert params.get_param("dataset_format").schema["enum"] == ["coco", "coco_panoptic"]
+    assert params.get_param("dataset_format").schema["enum"] == ["coco", "coco_panoptic", "ade"]
     assert params.get_param("spec_overrides").schema["type"] == "object"
     with pytest.raises(Exception, match="num_epochs|minimum|0"):
         params.get_param("num_epochs").resolve(0)
