@@ -158,3 +158,10 @@ def test_export_and_quantize_take_a_tao_result_folder(reference, tmp_path):
                  "dataset.augmentation.test_min_size=64", "dataset.augmentation.test_max_size=64"]) == 0, \
         results.read_status(out)[-1:]
     assert (out / "quantized_model_torchao.pth").is_file()
+
+
+def test_tao_swin_sizes_are_named_by_their_preset():
+    from mask2former.model.tao_weights import swin_preset
+
+    assert swin_preset({"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48]}) == "large"
+    assert swin_preset({"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}) is None

@@ -75,7 +75,8 @@ def relayout_class_head(renamed: Dict[str, torch.Tensor], *, contiguous_id: bool
                                                                     contiguous_id=contiguous_id)
 
 
-def _swin_preset(swin: Mapping[str, Any]) -> Optional[str]:
+def swin_preset(swin: Mapping[str, Any]) -> Optional[str]:
+    """The Swin preset (tiny, small, base, large) whose embed_dim, depths and num_heads ``swin`` has, or None."""
     from ..config.model import SWIN_PRESETS
 
     for name, preset in SWIN_PRESETS.items():
@@ -106,7 +107,7 @@ def convert_tao_payload(payload: Mapping[str, Any], *, contiguous_id: bool = Fal
             node = node[part]
         node[parts[-1]] = value
     swin = config["backbone"]["swin"]
-    preset = _swin_preset(swin)
+    preset = swin_preset(swin)
     if preset is not None:
         swin["type"] = preset
     config["backbone"]["pretrained_weights"] = None

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tao_weights import relayout_class_head, tao_rules
+from .tao_weights import relayout_class_head, swin_preset, tao_rules
 
 FORMATS = ("hf", "detectron2", "swin", "tao")
 CHECKPOINT_FORMAT_VERSION = 1
@@ -524,6 +524,10 @@ def resolve_import_model_config(*, format: str, source: Union[str, Path], spec_p
         head = dict(model_section.get("sem_seg_head") or {})
         head["num_classes"] = inferred["model.sem_seg_head.num_classes"]
         model_section["sem_seg_head"] = head
+        preset = swin_preset({key.rsplit(".", 1)[1]: value for key, value in inferred.items()
+                              if key.startswith("model.backbone.swin.")})
+        if not spec_path and preset is not None:  # TAO builds its Swin from a preset: name it
+            model_section.setdefault("backbone", {}).setdefault("swin", {})["type"] = preset
     # The export action reads the model section only; its checkpoint key is a placeholder here.
     spec = {"model": model_section, "export": {"checkpoint": str(source)}}
     return load_spec("export", spec=spec, overrides=overrides or None).model
