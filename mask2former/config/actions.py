@@ -113,8 +113,9 @@ class QuantizeConfig:
     model_path: Optional[str] = spec_field(None, description="Checkpoint to quantize.", nullable=True, popular=True)
     device: str = spec_field("cpu", description="Device for calibration and the report's latency: cpu, cuda or "
                                                 "cuda:N.")
-    backend_kwargs: Dict[str, Any] = spec_field({}, description="Extra keyword arguments passed to the backend's "
-                                                                "quantize call.")
+    backend_kwargs: Dict[str, Any] = spec_field({}, description="Extra keyword arguments of ModelOpt's ONNX "
+                                                                "quantize call (backend modelopt.onnx), replacing "
+                                                                "the settings chosen here of the same name.")
     results_dir: Optional[str] = spec_field(
         None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
                           "<results_dir>/quantize (--results-dir and the operators name the job folder exactly).",
