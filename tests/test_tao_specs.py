@@ -61,8 +61,18 @@ def test_the_tao_key_list_is_tao_config_with_188_keys():
     assert not missing, f"TAO keys not in the schema: {missing}"
 
 
-@pytest.mark.parametrize("key", [k for k in TAO_KEYS if k not in OWNED_ELSEWHERE])
+def _supported(key: str) -> bool:
+    """Whether the schema takes ``key`` at TAO's default (the ADE and EfficientViT keys arrive with other work)."""
+    if key not in OUR_KEYS:
+        return False
+    enum = OUR_KEYS[key].get("enum")
+    return enum is None or TAO_KEYS[key] in enum or not isinstance(TAO_KEYS[key], str)
+
+
+@pytest.mark.parametrize("key", list(TAO_KEYS))
 def test_each_tao_key_alone_at_taos_default_is_accepted_by_the_actions_reading_it(key):
+    if key in OWNED_ELSEWHERE and not _supported(key):
+        pytest.skip(f"{key} needs {OWNED_ELSEWHERE[key]}")
     value = TAO_KEYS[key]
     outcomes = {}
     for action in _readers(key):
