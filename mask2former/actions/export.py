@@ -122,7 +122,7 @@ def run(config: Any, job: Job) -> ActionResult:
         graph = export_onnx(wrapped, raw, output_names=wrapped.output_names, input_height=cfg.input_height,
                             input_width=cfg.input_width, input_channel=cfg.input_channel,
                             batch_size=cfg.batch_size, opset_version=cfg.opset_version, device=device,
-                            record=record)
+                            record=record, verbose=cfg.verbose)
         _check_model(raw)
         job.status.running("simplifying the graph")
         simplification = simplify_onnx(raw, final)

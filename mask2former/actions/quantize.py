@@ -181,7 +181,8 @@ def _quantize_onnx(*, module: Any, config: Any, job: Job, payload: Dict[str, Any
                             input_width=size[1], batch_size=-1, record=model_record)
         try:
             details = quantize_onnx(fp32_path, staged, chosen=chosen, calibration=torch.cat(batches).numpy(),
-                                    input_name=graph.input_name, algorithm=config.quantize.algorithm, moq=module)
+                                    input_name=graph.input_name, algorithm=config.quantize.algorithm, moq=module,
+                                    backend_kwargs=config.quantize.backend_kwargs)
         except ValueError as exc:
             raise ActionError(str(exc)) from exc
         quantized = onnx.load(str(staged))

@@ -67,9 +67,8 @@ class ExportConfig:
     parity_tolerance: float = spec_field(1e-3, description="Largest allowed max-abs difference between "
                                                            "onnxruntime and PyTorch mask logits.", exclusive_minimum=0)
     gpu_id: int = spec_field(0, description="GPU that traces the model when on_cpu is false.", minimum=0)
-    verbose: bool = spec_field(False, description="TAO: print the traced graph while exporting.",
-                               no_effect="export reports the graph's inputs, outputs and parity in "
-                                         "export_report.json.")
+    verbose: bool = spec_field(False, description="Print the traced graph while exporting (torch.onnx.export's "
+                                                   "verbose).")
     results_dir: Optional[str] = spec_field(
         None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
                           "<results_dir>/export (--results-dir and the operators name the job folder exactly).",
@@ -113,8 +112,9 @@ class QuantizeConfig:
     model_path: Optional[str] = spec_field(None, description="Checkpoint to quantize.", nullable=True, popular=True)
     device: str = spec_field("cpu", description="Device for calibration and the report's latency: cpu, cuda or "
                                                 "cuda:N.")
-    backend_kwargs: Dict[str, Any] = spec_field({}, description="Extra keyword arguments passed to the backend's "
-                                                                "quantize call.")
+    backend_kwargs: Dict[str, Any] = spec_field({}, description="Extra keyword arguments of ModelOpt's ONNX "
+                                                                "quantize call (backend modelopt.onnx), replacing "
+                                                                "the settings chosen here of the same name.")
     results_dir: Optional[str] = spec_field(
         None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
                           "<results_dir>/quantize (--results-dir and the operators name the job folder exactly).",

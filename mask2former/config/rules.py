@@ -170,10 +170,10 @@ def _check_quantize(config: ExperimentConfig) -> None:
                         "or cuda (gen_trt_engine builds TensorRT engines).")
     if not _QUANTIZE_DEVICE.fullmatch(q.device):
         raise SpecError(f"quantize.device {q.device!r} must read cpu, cuda or cuda:N (a GPU index).")
-    if q.backend_kwargs:
-        raise SpecError(f"quantize.backend_kwargs {sorted(q.backend_kwargs)} is not implemented: the backends take "
-                        "their settings from quantize.mode, quantize.algorithm and quantize.layers here; leave it {} "
-                        "(TAO's default).")
+    if q.backend_kwargs and q.backend != "modelopt.onnx":
+        raise SpecError(f"quantize.backend_kwargs {sorted(q.backend_kwargs)} is passed to ModelOpt's ONNX quantize "
+                        f"call (backend modelopt.onnx); backend {q.backend} takes its settings from quantize.mode, "
+                        "quantize.algorithm and quantize.layers only. Leave it {} (TAO's default).")
     if not q.model_path:
         raise SpecError("quantize.model_path is not set (the checkpoint to quantize).")
     if q.backend == "torchao" and q.mode != "weight_only_ptq":

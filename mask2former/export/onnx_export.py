@@ -52,7 +52,8 @@ def trace_batch(batch_size: int) -> int:
 
 def export_onnx(model: torch.nn.Module, path: Union[str, Path], *, output_names: Sequence[str], input_height: int,
                 input_width: int, input_channel: int = 3, batch_size: int = -1, opset_version: int = 17,
-                device: Union[str, torch.device] = "cpu", record: Optional[ModelRecord] = None) -> ExportedGraph:
+                device: Union[str, torch.device] = "cpu", record: Optional[ModelRecord] = None,
+                verbose: bool = False) -> ExportedGraph:
     """Write ``model`` (images -> dict of ``output_names`` tensors) to ``path`` as ONNX.
 
     Output shapes in the file are set from a PyTorch run of the traced batch (with ``batch`` as the
@@ -77,7 +78,7 @@ def export_onnx(model: torch.nn.Module, path: Union[str, Path], *, output_names:
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(model, (sample,), str(path), input_names=[INPUT_NAME], output_names=names,
                           opset_version=opset_version, dynamic_axes=dynamic_axes, do_constant_folding=True,
-                          dynamo=False)
+                          dynamo=False, verbose=verbose)
     batch_dim: Dim = BATCH_AXIS if batch_size == -1 else int(batch_size)
     shapes = {name: [batch_dim] + list(reference[name].shape[1:]) for name in names}
     graph = onnx.load(str(path))

@@ -52,18 +52,33 @@ def quantize_mode(chosen: Dict[str, ModuleChoice]) -> str:
     return MODES[dtypes.pop()] if dtypes else "int8"
 
 
+# Arguments of ModelOpt's quantize call that name this job's files and data: never taken from backend_kwargs.
+RESERVED_ARGUMENTS = ("onnx_path", "output_path", "calibration_data")
+
+
 def quantize_onnx(source: Union[str, Path], destination: Union[str, Path], *, chosen: Dict[str, ModuleChoice],
-                  calibration: np.ndarray, input_name: str, algorithm: str, moq: Any) -> Dict[str, Any]:
-    """Write the Q/DQ model of ``source`` to ``destination``; returns what was asked of ModelOpt."""
+                  calibration: np.ndarray, input_name: str, algorithm: str, moq: Any,
+                  backend_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Write the Q/DQ model of ``source`` to ``destination``; returns what was asked of ModelOpt.
+
+    ``backend_kwargs`` (quantize.backend_kwargs, as in TAO) are passed on to ModelOpt's quantize call and
+    replace the settings chosen here of the same name.
+    """
+    extra = dict(backend_kwargs or {})
+    reserved = sorted(set(extra) & set(RESERVED_ARGUMENTS))
+    if reserved:
+        raise ValueError(f"quantize.backend_kwargs {reserved} name this job's files and data, which quantize sets "
+                         "itself; remove them.")
     model = onnx.load(str(source))
     nodes = nodes_for_modules(model, list(chosen))
     if not nodes:
         raise ValueError("none of the chosen modules has a MatMul/Gemm/Conv node in the exported graph")
     mode = quantize_mode(chosen)
     method = CALIBRATION_METHODS[algorithm]
-    moq.quantize(str(source), quantize_mode=mode, calibration_data={input_name: calibration},
-                 calibration_method=method, calibration_eps=["cpu"],
-                 nodes_to_quantize=[f"^{re.escape(name)}$" for name in nodes], dq_only=True,
-                 high_precision_dtype="fp32", output_path=str(destination), log_level="WARNING")
-    return {"quantize_mode": mode, "calibration_method": method, "nodes_to_quantize": len(nodes),
-            "calibration_images": int(calibration.shape[0])}
+    settings = {"quantize_mode": mode, "calibration_method": method, "calibration_eps": ["cpu"],
+                "nodes_to_quantize": [f"^{re.escape(name)}$" for name in nodes], "dq_only": True,
+                "high_precision_dtype": "fp32", "log_level": "WARNING", **extra}
+    moq.quantize(str(source), calibration_data={input_name: calibration}, output_path=str(destination), **settings)
+    return {"quantize_mode": settings["quantize_mode"], "calibration_method": settings["calibration_method"],
+            "nodes_to_quantize": len(nodes), "calibration_images": int(calibration.shape[0]),
+            **({"backend_kwargs": extra} if extra else {})}
