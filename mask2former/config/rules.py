@@ -60,14 +60,15 @@ def _check_pixel_scale(config: ExperimentConfig) -> None:
                             f"by 255, then normalised; ImageNet's is {imagenet}). Divide 0..255 values by 255.")
 
 
-def _split_needs(mode: str, split_name: str, split: object) -> Optional[str]:
-    """Why a split cannot feed the given mode, or None."""
+def _split_needs(mode: str, split_name: str, split: object, *, training: bool) -> Optional[str]:
+    """Why a split cannot feed the given mode, or None. An ade split holds semantic labels only: a model of
+    another mode can be scored on it (mIoU of its semantic output, as TAO's deploy scores ADE) but not trained."""
     if split.type == "ade":
         if not split.annot_file:
             return f"dataset.{split_name}.type ade needs dataset.{split_name}.annot_file (JSONL of img/segm pairs)"
-        if mode != "semantic":
-            return (f"dataset.{split_name}.type ade holds semantic labels only, so model.mode must be semantic "
-                    f"(it is {mode})")
+        if training and mode != "semantic":
+            return (f"dataset.{split_name}.type ade holds semantic labels only, so training on it needs model.mode "
+                    f"semantic (it is {mode})")
         return None
     has_panoptic = bool(split.panoptic_json and split.panoptic_dir)
     has_instance = bool(split.instance_json)
@@ -102,7 +103,7 @@ def _check_data(action: str, config: ExperimentConfig) -> None:
     elif action == "quantize" and _split_is_set(ds.val):
         needed.append("val")
     for split_name in needed:
-        problem = _split_needs(mode, split_name, getattr(ds, split_name))
+        problem = _split_needs(mode, split_name, getattr(ds, split_name), training=action == "train")
         if problem:
             raise SpecError(f"{action}: {problem}.")
     if action in ("train", "evaluate", "quantize") and needed and not ds.label_map:
