@@ -43,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Multipart part size and threshold for uploads and downloads; uploads' expected ETags depend on it.
+#: Multipart part size and threshold for uploads and downloads.
 TRANSFER_CHUNK_BYTES = 8 * 1024 * 1024
 #: Parallel ranged requests within one transfer.
 TRANSFER_CONCURRENCY = 4
@@ -234,7 +234,7 @@ def _download(client: Any, location: S3Location, *, head: Mapping[str, Any], tar
 
 
 def transfer_config() -> Any:
-    """s3transfer settings shared by downloads and uploads (uploads' expected ETags depend on the chunk size)."""
+    """s3transfer settings shared by downloads and uploads."""
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(multipart_threshold=TRANSFER_CHUNK_BYTES, multipart_chunksize=TRANSFER_CHUNK_BYTES,
