@@ -564,5 +564,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["DIGEST_METADATA", "FINISHED_MARKER", "HEARTBEAT_FILE", "INDEX_FILES", "STOP_FILE", "Mask2FormerStorageHook", "OpenedFile",
+__all__ = ["DIGEST_METADATA", "FINISHED_MARKER", "HEARTBEAT_FILE", "INDEX_FILES", "STOP_FILE", "Mask2FormerStorageHook",
+           "OpenedFile",
            "PublishResult", "StagingResult", "StorageError", "StorageNotFound", "StorageUnavailable", "StoredFile"]

@@ -16,7 +16,8 @@ from mask2former.data.archives import COMPLETE_MARKER
 from mask2former.data.sources import plan_data_sources
 from mask2former.data.staging import SourceNotFoundError
 from operators.hooks import storage
-from operators.hooks.storage import (DIGEST_METADATA, FINISHED_MARKER, Mask2FormerStorageHook, StorageNotFound, StorageUnavailable)
+from operators.hooks.storage import (DIGEST_METADATA, FINISHED_MARKER, Mask2FormerStorageHook, StorageNotFound,
+                                     StorageUnavailable)
 from s3_server import (MotoS3Server, count_calls, free_port, moto_endpoint, moto_server, new_bucket,  # noqa: F401
                        s3_client, s3_env)
 from test_staging import dataset_objects, tar_gz, upload
