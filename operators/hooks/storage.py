@@ -39,8 +39,8 @@ from airflow.sdk.bases.hook import BaseHook
 
 from mask2former import results
 from mask2former.data.sources import join_uri, local_path_of, parse_s3_uri, uri_scheme
-from mask2former.data.staging import (TRANSFER_CHUNK_BYTES, TRANSFER_CONCURRENCY, S3AccessError, SourceNotFoundError,
-                                      cache_source, megabytes)
+from mask2former.data.staging import (S3_RETRIES, TRANSFER_CHUNK_BYTES, TRANSFER_CONCURRENCY, S3AccessError,
+                                      SourceNotFoundError, cache_source, megabytes)
 
 #: Written last into a published job folder: the folder is complete.
 FINISHED_MARKER = "_FINISHED"
@@ -177,12 +177,20 @@ class Mask2FormerStorageHook(BaseHook):
 
     @cached_property
     def s3(self) -> Any:
-        """The provider's S3Hook (its transfer settings: the engine's part size and concurrency)."""
+        """The provider's S3Hook: the engine's part size and concurrency, and its retries
+        (:data:`~mask2former.data.staging.S3_RETRIES`) unless the connection's ``config_kwargs`` set some."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from botocore.config import Config
 
-        return S3Hook(aws_conn_id=self.aws_conn_id, transfer_config_args={
+        settings = {"aws_conn_id": self.aws_conn_id, "transfer_config_args": {
             "multipart_threshold": TRANSFER_CHUNK_BYTES, "multipart_chunksize": TRANSFER_CHUNK_BYTES,
-            "max_concurrency": TRANSFER_CONCURRENCY})
+            "max_concurrency": TRANSFER_CONCURRENCY}}
+        hook = S3Hook(**settings)
+        configured = hook.conn_config.botocore_config
+        if configured is not None and configured.retries:
+            return hook
+        retries = Config(retries=dict(S3_RETRIES))
+        return S3Hook(**settings, config=retries.merge(configured) if configured is not None else retries)
 
     def get_conn(self) -> Any:
         """The boto3 S3 client of the connection (created once per hook)."""
