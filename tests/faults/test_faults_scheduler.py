@@ -182,8 +182,9 @@ def faults(stack, data):
     worker_folder = folder(stack, WORKER_DAG, worker_run)
     engine = wait_for(lambda: engine_of(worker_folder), 600, "the worker's training did not start", poll=0.2)
     wait_for(lambda: any(worker_folder.glob("model_epoch_001_*.pth")), 600, "no first checkpoint", poll=0.02)
-    outcome["steps_before_kill"] = epochs_done(worker_folder)
     outcome["killed"] = kill_worker(stack, engine)
+    outcome["checkpointed"] = max(c.epoch for c in results.list_checkpoints(worker_folder))
+    outcome["epochs_done"] = epochs_done(worker_folder)
     outcome["killed_at"] = time.time()
 
     outcome["states"] = {
@@ -209,18 +210,19 @@ def test_a_killed_worker_is_retried_and_the_retry_resumes_from_the_last_checkpoi
     resumed = [m for m in messages if m.startswith("Resuming from model_epoch_")]
     assert len(resumed) == 1, messages
     resumed_epoch = int(resumed[0].split("model_epoch_")[1][:3])
-    lost = faults["steps_before_kill"] - resumed_epoch  # one step an epoch
-    assert 0 <= lost <= 1, (faults["steps_before_kill"], resumed)
+    assert resumed_epoch == faults["checkpointed"], (faults["checkpointed"], resumed)  # the newest checkpoint
+    lost = faults["epochs_done"] - resumed_epoch  # whole epochs trained after it (less than one interval)
+    assert 0 <= lost < 1, (faults["epochs_done"], resumed)
     assert results.read_status(out)[-1]["status"] == "SUCCESS"
     assert max(c.step for c in results.list_checkpoints(out)) == EPOCHS[WORKER_DAG]
     xcom = stack.xcom(WORKER_DAG, run, "train")
     assert xcom["status"] == "SUCCESS" and Path(xcom["artifacts"]["checkpoint"]).is_file()
     observed("kill -9 the worker (non-deferrable) mid-training",
              "SIGKILL to the LocalExecutor worker running the task and every process under it (task runner, "
-             f"engine) once epoch {faults['steps_before_kill']} of {EPOCHS[WORKER_DAG]} is checkpointed",
+             f"engine) as epoch {faults['checkpointed']} of {EPOCHS[WORKER_DAG]} is checkpointed",
              f"the scheduler failed the task on its missing heartbeat (10 s timeout) and retried it; try 2 "
              f"resumed from the epoch-{resumed_epoch} checkpoint and finished SUCCESS",
-             f"{lost} epoch(s) of training (checkpoint interval: 1 epoch); no file")
+             "the part of the epoch in progress, less than the checkpoint interval (1 epoch); no file")
 
 
 def test_a_killed_triggerer_leaves_the_deferred_training_untouched(stack, faults):
