@@ -280,7 +280,8 @@ def test_truncated_or_damaged_model_files_are_refused_naming_the_file(tmp_path, 
 
     onnx_file = _tiny_onnx(tmp_path / "tiny.onnx").read_bytes()
     (tmp_path / "truncated.onnx").write_bytes(onnx_file[:len(onnx_file) // 2])
-    code = main(["inference", "--results-dir", str(tmp_path / "inf"), f"inference.checkpoint={tmp_path / 'truncated.onnx'}",
+    code = main(["inference", "--results-dir", str(tmp_path / "inf"),
+                 f"inference.checkpoint={tmp_path / 'truncated.onnx'}",
                  f"dataset.test.img_dir={eval_data['img_dir']}", f"dataset.label_map={eval_data['label_map']}",
                  *_words({**tiny_model_overrides(), **small_data_overrides()})])
     outcomes["truncated.onnx"] = (code, _last_status(tmp_path / "inf"))

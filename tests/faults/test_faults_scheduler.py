@@ -49,7 +49,8 @@ def train(dag_id, schedule=None, **extra):
     with DAG(dag_id, schedule=schedule, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False,
              params=params, render_template_as_native_obj=True, max_active_runs=4) as dag:
         Mask2FormerTrainOperator(task_id="train", train_datasets={train!r}, dataset_format="coco_panoptic",
-                                 spec_overrides="{{{{ params.spec_overrides }}}}", encryption_key_conn_id="m2f_fault_key",
+                                 spec_overrides="{{{{ params.spec_overrides }}}}",
+                                 encryption_key_conn_id="m2f_fault_key",
                                  **extra)
     return dag
 
