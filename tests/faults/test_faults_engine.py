@@ -226,7 +226,7 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path)
     observed("disk full while writing a checkpoint", "a 64 MiB tmpfs mounted by the test holds the results; "
              "filled (posix_fallocate) to 256 KiB free once the first checkpoint is written",
              f"exit 1, status FAILURE: `{last['message'][:160]}...`; the epoch-1 checkpoint and model_latest.pth "
-             "byte-identical, no partial file", "the epochs after the last checkpoint (1 of 3)")
+             "byte-identical, no partial file", "no saved byte; epoch 2's training, which could not be saved")
 
 
 # ------------------------------------------------------------------------------------------ bad files
