@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -90,11 +91,34 @@ def checkpoint_source(path: PathLike, encryption_key: Optional[str] = None) -> U
     """
     path = Path(path)
     if not crypto.is_encrypted(path):
+        verify_checksums(path)
         return path
     try:
         return io.BytesIO(crypto.decrypt_to_bytes(path, encryption_key))
     except crypto.EncryptionError as exc:
         raise CheckpointError(str(exc)) from None
+
+
+def verify_checksums(path: PathLike) -> None:
+    """Refuse (CheckpointError naming the file) a plain checkpoint whose bytes changed after it was written.
+
+    ``torch.save`` writes a zip archive whose members carry CRC-32s, which ``torch.load`` never checks: a file
+    damaged inside a tensor would load with wrong weights. Every member is read once and compared. Encrypted
+    files need no such check (their segments are authenticated); a file that is no zip at all (the legacy
+    format, a truncated file) is left to ``torch.load``, which says what is wrong.
+    """
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"Checkpoint '{path}' is damaged or truncated: {exc}") from None
+    if damaged is not None:
+        part = damaged.split("/", 1)[-1]  # without the archive's top folder
+        raise CheckpointError(f"Checkpoint '{path}' is damaged: its part '{part}' fails its CRC-32 check (the file "
+                              "changed after it was written, or was copied incompletely).")
 
 
 def read_checkpoint(path: PathLike, encryption_key: Optional[str] = None, *,

@@ -5,6 +5,10 @@ process it starts (the DDP worker ranks), read from /proc/<pid>/cmdline while th
 Real command lines: ``python -m mask2former train`` with two CPU ranks (gloo), the key in
 MASK2FORMER_ENCRYPTION_KEY as the operators pass it; ``python -m mask2former export`` with the key in the
 user's spec file; an export refused for a wrong key. The scan helpers live in tests/secret_scan.py.
+
+Under Airflow: tests/airflow/test_airflow_encryption.py (a DAG run with ``dag.test``: its XCom and log) and
+tests/faults/test_faults_scheduler.py (a real scheduler, triggerer and LocalExecutor: every task log file, every
+Airflow process's output, every XCom, every results file and every process's command line on the machine).
 """
 
 from __future__ import annotations

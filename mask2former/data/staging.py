@@ -43,7 +43,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Multipart part size and threshold for uploads and downloads; uploads' expected ETags depend on it.
+#: botocore retries of every S3 call (unless an Airflow connection sets its own ``config_kwargs.retries``): the
+#: standard mode waits rand(0, 1) * 0.05 * 2**i s before retry i (throttling: rand(0, 1) * 2**i, at most 20 s), so
+#: 8 attempts wait about 3 s in all (at most 6.4 s): an endpoint that is briefly unreachable is ridden out, a
+#: longer outage fails the call (and the Airflow task, which has its own retries). botocore's default of 3
+#: attempts gives up after about 0.1 s.
+S3_RETRIES = {"mode": "standard", "total_max_attempts": 8}
+#: Multipart part size and threshold for uploads and downloads.
 TRANSFER_CHUNK_BYTES = 8 * 1024 * 1024
 #: Parallel ranged requests within one transfer.
 TRANSFER_CONCURRENCY = 4
@@ -70,7 +76,7 @@ def default_s3_client_factory() -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(max_pool_connections=32, retries={"max_attempts": 5, "mode": "standard"}))
+    return boto3.client("s3", config=Config(max_pool_connections=32, retries=dict(S3_RETRIES)))
 
 
 def head_s3_object(client: Any, location: S3Location) -> dict[str, Any] | None:
@@ -234,7 +240,7 @@ def _download(client: Any, location: S3Location, *, head: Mapping[str, Any], tar
 
 
 def transfer_config() -> Any:
-    """s3transfer settings shared by downloads and uploads (uploads' expected ETags depend on the chunk size)."""
+    """s3transfer settings shared by downloads and uploads."""
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(multipart_threshold=TRANSFER_CHUNK_BYTES, multipart_chunksize=TRANSFER_CHUNK_BYTES,

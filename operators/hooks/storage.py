@@ -9,7 +9,8 @@ own credential chain and ``AWS_ENDPOINT_URL``, as in a pod or a job process). Wh
   :meth:`list_folders`;
 * staging (:meth:`stage`): every ``s3://`` / ``file://`` value of a job's overrides made local once, in
   the engine's cache (:func:`mask2former.data.staging.cache_source`: keyed by ETag, archives extracted safely);
-* job folders: :meth:`publish` (``_FINISHED`` last), :meth:`restore` (a retried job's checkpoints),
+* job folders: :meth:`publish` (``_FINISHED`` last; unchanged files skipped by the SHA-256 each object carries in
+  its metadata, see :data:`DIGEST_METADATA`), :meth:`restore` (a retried job's checkpoints),
   :meth:`index` (a published folder's names, its small files for real, for the engine's resolvers),
   :meth:`read_status`, :meth:`beat` / :meth:`last_beat` (a detached job's heartbeat) and
   :meth:`request_stop` / :meth:`stop_requested` (how a trigger on another machine stops a job).
@@ -38,8 +39,8 @@ from airflow.sdk.bases.hook import BaseHook
 
 from mask2former import results
 from mask2former.data.sources import join_uri, local_path_of, parse_s3_uri, uri_scheme
-from mask2former.data.staging import (TRANSFER_CHUNK_BYTES, TRANSFER_CONCURRENCY, S3AccessError, SourceNotFoundError,
-                                      cache_source, megabytes)
+from mask2former.data.staging import (S3_RETRIES, TRANSFER_CHUNK_BYTES, TRANSFER_CONCURRENCY, S3AccessError,
+                                      SourceNotFoundError, cache_source, megabytes)
 
 #: Written last into a published job folder: the folder is complete.
 FINISHED_MARKER = "_FINISHED"
@@ -49,6 +50,11 @@ HEARTBEAT_FILE = "_HEARTBEAT"
 STOP_FILE = "_STOP"
 #: Small files an index holds for real (everything else is an empty placeholder).
 INDEX_FILES = (results.STATUS_FILE, results.METRICS_FILE, results.BEST_FILE, FINISHED_MARKER)
+#: User metadata (``x-amz-meta-sha256``) that :meth:`Mask2FormerStorageHook.publish` gives every object it uploads:
+#: the file's SHA-256, computed here. An ETag is never read as a digest: with multipart uploads, SSE-KMS or
+#: another part size it is not the file's MD5.
+DIGEST_METADATA = "sha256"
+DIGEST_CHUNK_BYTES = 1024 * 1024
 CHUNK_BYTES = 256 * 1024
 _MISSING = ("404", "NoSuchKey", "NotFound")
 
@@ -171,12 +177,20 @@ class Mask2FormerStorageHook(BaseHook):
 
     @cached_property
     def s3(self) -> Any:
-        """The provider's S3Hook (transfers in the chunks whose ETags :meth:`publish` predicts)."""
+        """The provider's S3Hook: the engine's part size and concurrency, and its retries
+        (:data:`~mask2former.data.staging.S3_RETRIES`) unless the connection's ``config_kwargs`` set some."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from botocore.config import Config
 
-        return S3Hook(aws_conn_id=self.aws_conn_id, transfer_config_args={
+        settings = {"aws_conn_id": self.aws_conn_id, "transfer_config_args": {
             "multipart_threshold": TRANSFER_CHUNK_BYTES, "multipart_chunksize": TRANSFER_CHUNK_BYTES,
-            "max_concurrency": TRANSFER_CONCURRENCY})
+            "max_concurrency": TRANSFER_CONCURRENCY}}
+        hook = S3Hook(**settings)
+        configured = hook.conn_config.botocore_config
+        if configured is not None and configured.retries:
+            return hook
+        retries = Config(retries=dict(S3_RETRIES))
+        return S3Hook(**settings, config=retries.merge(configured) if configured is not None else retries)
 
     def get_conn(self) -> Any:
         """The boto3 S3 client of the connection (created once per hook)."""
@@ -449,7 +463,8 @@ class Mask2FormerStorageHook(BaseHook):
         """Publish a job folder to ``uri`` with ``_FINISHED`` written last.
 
         S3: ``_FINISHED`` is deleted first (readers never see it beside half-updated files), then only the
-        files whose size and ETag differ are uploaded; objects with no local file are kept. Local: the copy
+        files whose object differs in size or holds no SHA-256 equal to the file's (:data:`DIGEST_METADATA`,
+        recorded by an earlier publish) are uploaded; objects with no local file are kept. Local: the copy
         is built in a temporary sibling and renamed over the destination; when the destination is the folder
         itself only the marker is written.
         """
@@ -471,20 +486,34 @@ class Mask2FormerStorageHook(BaseHook):
                     max_workers: int) -> PublishResult:
         client = self.get_conn()
         with _s3_errors(uri, "Publishing to"):
-            known = {}
+            sizes: Dict[str, int] = {}
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=where.prefix):
-                known.update({item["Key"][len(where.prefix):]: (int(item["Size"]), str(item.get("ETag", "")).strip('"'))
-                              for item in page.get("Contents", [])})
+                sizes.update({item["Key"][len(where.prefix):]: int(item["Size"]) for item in page.get("Contents", [])})
             client.delete_object(Bucket=where.bucket, Key=where.child(FINISHED_MARKER).key)
-            todo = [(rel, path) for rel, path in files if known.get(rel) != (path.stat().st_size, _expected_etag(path))]
-            if todo:
-                with ThreadPoolExecutor(max_workers=min(max_workers, len(todo)), thread_name_prefix="publish") as pool:
-                    list(pool.map(lambda item: self.s3.load_file(str(item[1]), where.child(item[0]).key, where.bucket,
-                                                                 replace=True), todo))
+            with ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="publish") as pool:
+                digests = dict(zip([rel for rel, _ in files], pool.map(lambda item: _sha256(item[1]), files)))
+                same_size = [rel for rel, path in files if sizes.get(rel) == path.stat().st_size]
+                stored = dict(zip(same_size, pool.map(lambda rel: self._stored_digest(where.child(rel)), same_size)))
+                todo = [(rel, path) for rel, path in files if stored.get(rel) != digests[rel]]
+                list(pool.map(lambda item: client.upload_file(
+                    str(item[1]), where.bucket, where.child(item[0]).key, Config=self.s3.transfer_config,
+                    ExtraArgs={"Metadata": {DIGEST_METADATA: digests[item[0]]}}), todo))
             self.s3.load_bytes(marker, where.child(FINISHED_MARKER).key, where.bucket, replace=True)
         return PublishResult(destination=uri, uploaded_files=len(todo),
                              uploaded_bytes=sum(path.stat().st_size for _, path in todo),
                              skipped_files=len(files) - len(todo), marker=join_uri(uri, FINISHED_MARKER))
+
+    def _stored_digest(self, where: _S3) -> Optional[str]:
+        """The SHA-256 an earlier publish recorded in the object's metadata (None: absent, or no such object)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.get_conn().head_object(Bucket=where.bucket, Key=where.key)
+        except ClientError as error:
+            if _code(error) in _MISSING:
+                return None
+            raise
+        return head.get("Metadata", {}).get(DIGEST_METADATA)
 
 
 def _publish_local(source: Path, files: List[Tuple[str, Path]], dest: Path, uri: str, marker: str) -> PublishResult:
@@ -535,16 +564,14 @@ def _chunks(handle: Any) -> Iterator[bytes]:
             yield chunk
 
 
-def _expected_etag(path: Path) -> str:
-    """The ETag S3 gives this file uploaded with the hook's transfer settings (MD5, or multipart MD5 of MD5s)."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        if path.stat().st_size < TRANSFER_CHUNK_BYTES:
-            return hashlib.md5(handle.read(), usedforsecurity=False).hexdigest()
-        digests = []
-        while chunk := handle.read(TRANSFER_CHUNK_BYTES):
-            digests.append(hashlib.md5(chunk, usedforsecurity=False).digest())
-    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
+        while chunk := handle.read(DIGEST_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-__all__ = ["FINISHED_MARKER", "HEARTBEAT_FILE", "INDEX_FILES", "STOP_FILE", "Mask2FormerStorageHook", "OpenedFile",
+__all__ = ["DIGEST_METADATA", "FINISHED_MARKER", "HEARTBEAT_FILE", "INDEX_FILES", "STOP_FILE", "Mask2FormerStorageHook",
+           "OpenedFile",
            "PublishResult", "StagingResult", "StorageError", "StorageNotFound", "StorageUnavailable", "StoredFile"]

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
+import socket
 import time
 from functools import cached_property
 from typing import Any, ClassVar, Dict, Optional, Sequence
@@ -218,9 +220,15 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         return {**env, KEY_ENV: key} if key else env
 
     def live_job(self, paths: JobPaths) -> Optional[Dict[str, Any]]:
-        """The heartbeat of a job still running in this task's folder (an earlier attempt's), or None."""
+        """The heartbeat of a job still running in this task's folder (an earlier attempt's), or None. A recent
+        heartbeat of a process of this machine that no longer exists (its worker was killed with it) is no job."""
         beat = self.hook.last_beat(paths.publish_uri)
         if beat is None or "exit_code" in beat or time.time() - beat["time"] > stale_after(self.check_interval):
+            return None
+        if beat.get("host") == socket.gethostname() and isinstance(beat.get("pid"), int) \
+                and not _process_exists(beat["pid"]):
+            self.log.info("%s job %s: the earlier attempt's job process %d is gone (heartbeat %.0f s ago); "
+                          "starting again", self.action, paths.job_id, beat["pid"], time.time() - beat["time"])
             return None
         return beat
 
@@ -303,3 +311,13 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
             self.hook.request_stop(following["uri"], "the Airflow task was killed")
             if following.get("pod"):
                 self.launcher.delete(following["pod"])
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -5,6 +5,7 @@ listing, reading and writing files, and a job's heartbeat and stop requests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 from mask2former.data.archives import COMPLETE_MARKER
 from mask2former.data.sources import plan_data_sources
 from mask2former.data.staging import SourceNotFoundError
-from operators.hooks.storage import (FINISHED_MARKER, Mask2FormerStorageHook, StorageNotFound, StorageUnavailable)
+from operators.hooks import storage
+from operators.hooks.storage import (DIGEST_METADATA, FINISHED_MARKER, Mask2FormerStorageHook, StorageNotFound,
+                                     StorageUnavailable)
 from s3_server import (MotoS3Server, count_calls, free_port, moto_endpoint, moto_server, new_bucket,  # noqa: F401
                        s3_client, s3_env)
 from test_staging import dataset_objects, tar_gz, upload
@@ -138,20 +141,25 @@ def test_local_sources_are_used_in_place_and_archives_extracted_once(tmp_path):
 # --------------------------------------------------------------------------------------- publishing
 
 
-def job_folder(root: Path) -> Path:
+def job_folder(root: Path, checkpoint_bytes: int = 9 * 1024 * 1024) -> Path:
     root.mkdir(parents=True)
     (root / "status.json").write_text('{"status": "SUCCESS"}\n')
     (root / "metrics.json").write_text('{"mIoU": 0.5}')
     (root / "model_epoch_001_step_000002.pth").write_bytes(b"ckpt")
     (root / "best_model.json").write_text('{"checkpoint": "model_epoch_001_step_000002.pth"}')
     (root / "sub").mkdir()
-    (root / "sub" / "model_latest.pth").write_bytes(os.urandom(9 * 1024 * 1024))  # a multipart upload
+    (root / "sub" / "model_latest.pth").write_bytes(os.urandom(checkpoint_bytes))  # a multipart upload
     return root
 
 
-def test_publish_to_s3_writes_the_marker_last_and_skips_what_is_unchanged(aws_conn, hook, tmp_path):
+def test_publish_to_s3_writes_the_marker_last_and_skips_what_is_unchanged(aws_conn, tmp_path, monkeypatch):
+    """Unchanged files are found by the SHA-256 each object carries, whatever its ETag: here the checkpoint's
+    ETag is a multipart one (5 MiB parts), and the part size changes between publishes."""
+    part = 5 * 1024 * 1024  # S3's smallest part
+    monkeypatch.setattr(storage, "TRANSFER_CHUNK_BYTES", part)  # the hook's multipart threshold and part size
+    hook = Mask2FormerStorageHook(aws_conn_id="aws_default")
     bucket = new_bucket(aws_conn)
-    local = job_folder(tmp_path / "job")
+    local = job_folder(tmp_path / "job", checkpoint_bytes=part + 1024 * 1024)
     dest = f"s3://{bucket}/results/job-1"
     calls = count_calls(hook.get_conn())
     assert not hook.is_finished(dest)
@@ -159,17 +167,35 @@ def test_publish_to_s3_writes_the_marker_last_and_skips_what_is_unchanged(aws_co
     assert (first.uploaded_files, first.skipped_files) == (5, 0) and first.marker == f"{dest}/{FINISHED_MARKER}"
     writes = [(op, key) for op, key in calls.order if op in ("PutObject", "CompleteMultipartUpload")]
     assert writes[-1] == ("PutObject", f"results/job-1/{FINISHED_MARKER}") and len(writes) == 6
+    assert ("CompleteMultipartUpload", "results/job-1/sub/model_latest.pth") in writes
+    client = s3_client(aws_conn)
+    head = client.head_object(Bucket=bucket, Key="results/job-1/sub/model_latest.pth")
+    assert head["ETag"].strip('"').endswith("-2")  # not an MD5 of the file
+    assert head["Metadata"][DIGEST_METADATA] == hashlib.sha256((local / "sub" / "model_latest.pth").read_bytes()
+                                                               ).hexdigest()
     assert hook.is_finished(dest)
 
+    monkeypatch.setattr(storage, "TRANSFER_CHUNK_BYTES", 4 * part)  # as another release of the hook would
+    hook = Mask2FormerStorageHook(aws_conn_id="aws_default")
+    calls = count_calls(hook.get_conn())
     (local / "metrics.json").write_text('{"mIoU": 0.6}')
-    calls.clear()
-    calls.order.clear()
+    (local / "model_epoch_001_step_000002.pth").write_bytes(b"CKPT")  # changed, same size
     second = hook.publish(local, dest)
-    assert (second.uploaded_files, second.skipped_files) == (1, 4)  # the 9 MB checkpoint is unchanged
+    assert (second.uploaded_files, second.skipped_files) == (2, 3)  # the multipart checkpoint is unchanged
+    uploads = {key for op, key in calls.order if op in ("PutObject", "CreateMultipartUpload")}
+    assert uploads == {f"results/job-1/{name}" for name in ("metrics.json", "model_epoch_001_step_000002.pth",
+                                                             FINISHED_MARKER)}
     deleted = calls.order.index(("DeleteObject", f"results/job-1/{FINISHED_MARKER}"))
     uploaded = calls.order.index(("PutObject", "results/job-1/metrics.json"))
     assert deleted < uploaded and calls.order[-1] == ("PutObject", f"results/job-1/{FINISHED_MARKER}")
     assert hook.read_json(f"{dest}/metrics.json") == {"mIoU": 0.6}
+    assert hook.read_bytes(f"{dest}/model_epoch_001_step_000002.pth") == b"CKPT"
+
+    # an object replaced by someone else (same size, no digest of ours) is uploaded again
+    client.put_object(Bucket=bucket, Key="results/job-1/status.json", Body=b'{"status": "FAILURE"}\n')
+    third = hook.publish(local, dest)
+    assert (third.uploaded_files, third.skipped_files) == (1, 4)
+    assert hook.read_json(f"{dest}/status.json") == {"status": "SUCCESS"}
 
 
 def test_publish_to_a_local_root_replaces_the_folder_whole(tmp_path):
