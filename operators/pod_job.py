@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -49,6 +50,8 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 KILL_GRACE_S = 20.0
 FINAL_STATUSES = ("SUCCESS", "FAILURE")
+#: Starts the line that gives the engine's exit status and its seconds (read by bench/bench_operators.py).
+ENGINE_ENDED = "engine ended with exit status"
 
 Log = Callable[[str], None]
 
@@ -136,12 +139,15 @@ class JobProcess:
             return EXIT_FAILED
         command = [self.python, "-m", "mask2former", job.action, "-e", str(self.folder / SPEC_FILE), "--results-dir",
                    str(self.folder)]
+        began = time.monotonic()
         self._engine = subprocess.Popen(command, cwd=self.folder, env=engine_env(), start_new_session=True,
                                         preexec_fn=_end_with_parent)
         self.log(f"launched `python {' '.join(command[1:])}` as pid {self._engine.pid}")
         if self.stop_reason:  # a stop that came while the engine was being started
             self.stop(self.stop_reason)
-        return self._engine.wait()
+        code = self._engine.wait()
+        self.log(f"{ENGINE_ENDED} {code} after {time.monotonic() - began:.2f} s")
+        return code
 
     def stop(self, reason: str) -> None:
         """End the engine (SIGTERM to its group, SIGKILL after a grace period); the job then publishes."""
