@@ -23,6 +23,12 @@ class EvaluateConfig:
     batch_size: int = spec_field(1, description="Images per batch.", minimum=1)
     num_gpus: int = spec_field(1, description="GPUs (CPU when none).", minimum=1)
     gpu_ids: List[int] = spec_field([0], description="GPU indices.", minimum=0)
+    precision: str = spec_field(
+        "fp32", description="Model precision: bf16 autocast for a PyTorch checkpoint on hardware with bf16 units "
+                            "(a CUDA GPU; a CPU with AMX or AVX-512-bf16), else fp32; the log says which and why. "
+                            "When bf16 is used, evaluate also scores in fp32 and records the difference in "
+                            "metrics.json.",
+        enum=["fp32", "bf16"])
 
 
 @dataclass
@@ -35,6 +41,10 @@ class InferenceConfig:
     batch_size: int = spec_field(1, description="Images per batch.", minimum=1)
     num_gpus: int = spec_field(1, description="GPUs (CPU when none).", minimum=1)
     gpu_ids: List[int] = spec_field([0], description="GPU indices.", minimum=0)
+    precision: str = spec_field(
+        "fp32", description="Model precision: bf16 autocast for a PyTorch checkpoint on hardware with bf16 units "
+                            "(a CUDA GPU; a CPU with AMX or AVX-512-bf16), else fp32; the log says which and why.",
+        enum=["fp32", "bf16"])
     save_overlays: bool = spec_field(True, description="Write overlay images with a legend beside the "
                                                        "machine-readable outputs.")
 
