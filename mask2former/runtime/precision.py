@@ -61,6 +61,9 @@ def choose_precision(requested: str, *, kind: str, device: torch.device) -> Prec
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
     if requested == "fp32":
         return Precision(requested, "fp32", "requested")
+    if kind == "onnx":
+        return Precision(requested, "fp32", "onnxruntime's CPU execution provider has no bf16 kernels for this "
+                                            "graph's convolutions and attention: the ONNX model runs in fp32")
     if kind != "checkpoint":
         return Precision(requested, "fp32", f"a {kind} model runs in the precision it was built with; bf16 "
                                             "autocast applies to PyTorch checkpoints")
