@@ -20,7 +20,6 @@ The engine gets no cloud credentials: its data are local paths by then.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
 import socket

@@ -9,14 +9,12 @@ engines carry their own precision.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, FrozenSet
 
 import torch
 
-log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
 #: /proc/cpuinfo flags naming CPU bf16 units, best first, with the words the log uses for them.
