@@ -15,7 +15,6 @@ from typing import Dict, FrozenSet
 
 import torch
 
-
 PRECISIONS = ("fp32", "bf16")
 #: /proc/cpuinfo flags naming CPU bf16 units, best first, with the words the log uses for them.
 CPU_BF16_FLAGS = (("amx_bf16", "AMX (amx_bf16)"), ("avx512_bf16", "AVX-512-bf16 (avx512_bf16)"))
