@@ -6,8 +6,12 @@ For train, evaluate and export (tiny config, 64 px synthetic COCO-panoptic data)
 * ``operator_s``: the operator's ``execute`` (spec building and validation, data planning on S3, the job
   process: staging through the connection's S3 credentials, the same CLI job, status following, publishing
   the results folder to S3; then reading the outcome);
-* ``overhead_s = operator_s - bare_cli_s`` (as asked; includes the run-to-run noise of the job itself) and
-  ``overhead_own_s = operator_s - the job process's time`` (what the operator adds around its job process).
+* ``overhead_s = operator_s - bare_cli_s`` (includes the run-to-run noise of the job itself);
+* ``engine_s``: the engine's own process inside the job (``python -m mask2former ...``, as the job process logs it);
+* ``overhead_own_s = operator_s - the job process's time`` (what the task does around its job process: spec
+  building and validation, data planning, reading the outcome), ``job_process_own_s`` = the job process's time
+  less the engine's (interpreter start, staging, heartbeats, publishing), and ``overhead_total_s = operator_s -
+  engine_s``, the operator's whole cost per task.
 
 Staging: the training sources staged twice into a fresh cache (bytes downloaded the first time, 0 the second).
 
@@ -56,11 +60,19 @@ def timed_launcher():
         """The operator's launcher, timing its job process (for the operator's own overhead)."""
 
         process_s = 0.0
+        engine_s = 0.0
 
         def run(self, job, env, log):
+            from operators.pod_job import ENGINE_ENDED
+
+            def read(line):
+                if line.startswith(ENGINE_ENDED):
+                    self.engine_s = float(line.rsplit(" after ", 1)[1].split()[0])
+                log(line)
+
             began = time.monotonic()
             try:
-                return super().run(job, env, log)
+                return super().run(job, env, read)
             finally:
                 self.process_s = time.monotonic() - began
 
@@ -174,9 +186,11 @@ def run(args, work: Path, endpoint: str) -> int:
                               "export.checkpoint": str(work / "bare" / "train" / "model_latest.pth")}
         bare_s = bare_cli(action, bare_overrides, work / "bare" / action)
         rows.append({"action": action, "bare_cli_s": round(bare_s, 2), "operator_s": round(operator_s, 2),
-                     "operator_subprocess_s": round(launcher.process_s, 2),
+                     "operator_subprocess_s": round(launcher.process_s, 2), "engine_s": round(launcher.engine_s, 2),
                      "overhead_s": round(operator_s - bare_s, 2),
-                     "overhead_own_s": round(operator_s - launcher.process_s, 2), "status": outcome["status"]})
+                     "overhead_own_s": round(operator_s - launcher.process_s, 2),
+                     "job_process_own_s": round(launcher.process_s - launcher.engine_s, 2),
+                     "overhead_total_s": round(operator_s - launcher.engine_s, 2), "status": outcome["status"]})
         if action == "train":
             parent = outcome
 
@@ -185,10 +199,11 @@ def run(args, work: Path, endpoint: str) -> int:
               "actions": rows, "staging": staging}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'action':10s} {'bare CLI s':>11s} {'operator s':>11s} {'overhead s':>11s} {'own overhead s':>15s}")
+    print("| action | bare CLI s | operator s | engine s | in the task s | in the job process s | "
+          "operator - engine s |\n|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"{row['action']:10s} {row['bare_cli_s']:11.2f} {row['operator_s']:11.2f} {row['overhead_s']:11.2f} "
-              f"{row['overhead_own_s']:15.2f}")
+        print(f"| {row['action']} | {row['bare_cli_s']:.2f} | {row['operator_s']:.2f} | {row['engine_s']:.2f} | "
+              f"{row['overhead_own_s']:.2f} | {row['job_process_own_s']:.2f} | {row['overhead_total_s']:.2f} |")
     for entry in staging:
         print(f"staging ({entry['run']}): {entry['downloaded_bytes']} bytes in {entry['downloaded_files']} file(s), "
               f"{entry['cache_hits']} cache hit(s), {entry['seconds']:.3f} s")

@@ -2,8 +2,9 @@
 process a non-pod launcher starts (a child of the task, or detached from it for a deferrable task).
 
 It reads its :class:`~operators.utils.jobs.JobDescription` from ``MASK2FORMER_JOB`` and, through the
-storage hook with the process's own credentials (its environment: a Kubernetes Secret, IRSA, or the
-worker's connection handed over at launch):
+storage hook's operations without Airflow (:class:`~operators.hooks.object_store.JobStore`) and with the
+process's own credentials (its environment: a Kubernetes Secret, IRSA, or the worker's connection handed
+over at launch):
 
 1. restores an earlier attempt's checkpoints (train on an S3 root), stages the data, writes ``spec.yaml``;
 2. runs ``python -m mask2former ACTION -e spec.yaml --results-dir DIR`` in its own process group;
@@ -19,13 +20,13 @@ The engine gets no cloud credentials: its data are local paths by then.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -35,7 +36,7 @@ from mask2former import results
 from mask2former.data.sources import join_uri, local_path_of, uri_scheme
 from mask2former.processes import terminate_process_group
 
-from .hooks.storage import Mask2FormerStorageHook
+from .hooks.object_store import JobStore, ObjectStore
 from .utils.jobs import JOB_ENV, JobDescription, process_env
 
 SPEC_FILE = "spec.yaml"
@@ -48,6 +49,8 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 KILL_GRACE_S = 20.0
 FINAL_STATUSES = ("SUCCESS", "FAILURE")
+#: Starts the line that gives the engine's exit status and its seconds (read by bench/bench_operators.py).
+ENGINE_ENDED = "engine ended with exit status"
 
 Log = Callable[[str], None]
 
@@ -85,7 +88,7 @@ def nested(overrides: Dict) -> Dict:
 class JobProcess:
     """One job, run to its end (see the module docstring); :meth:`stop` may come from another thread."""
 
-    def __init__(self, job: JobDescription, hook: Mask2FormerStorageHook, log: Log, python: Optional[str] = None):
+    def __init__(self, job: JobDescription, hook: ObjectStore, log: Log, python: Optional[str] = None):
         self.job = job
         self.hook = hook
         self.log = log
@@ -135,12 +138,15 @@ class JobProcess:
             return EXIT_FAILED
         command = [self.python, "-m", "mask2former", job.action, "-e", str(self.folder / SPEC_FILE), "--results-dir",
                    str(self.folder)]
+        began = time.monotonic()
         self._engine = subprocess.Popen(command, cwd=self.folder, env=engine_env(), start_new_session=True,
                                         preexec_fn=_end_with_parent)
         self.log(f"launched `python {' '.join(command[1:])}` as pid {self._engine.pid}")
         if self.stop_reason:  # a stop that came while the engine was being started
             self.stop(self.stop_reason)
-        return self._engine.wait()
+        code = self._engine.wait()
+        self.log(f"{ENGINE_ENDED} {code} after {time.monotonic() - began:.2f} s")
+        return code
 
     def stop(self, reason: str) -> None:
         """End the engine (SIGTERM to its group, SIGKILL after a grace period); the job then publishes."""
@@ -197,13 +203,12 @@ def _print(message: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:  # noqa: ARG001 - entry point
-    logging.getLogger("airflow").setLevel(logging.WARNING)
     log = _print
     raw = os.environ.get(JOB_ENV)
     if not raw:
         print(f"error: {JOB_ENV} is not set (the launcher passes the job in it)", file=sys.stderr)
         return EXIT_USAGE
-    process = JobProcess(JobDescription.from_json(raw), Mask2FormerStorageHook(aws_conn_id=None), log)
+    process = JobProcess(JobDescription.from_json(raw), JobStore(), log)
     signal.signal(signal.SIGTERM, lambda signum, frame: process.stop(f"received {signal.Signals(signum).name}"))
     code = process.run()
     return code if code >= 0 else 128 - code  # an engine killed by a signal, as a shell reports it

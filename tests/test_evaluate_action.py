@@ -178,3 +178,30 @@ def test_an_exported_onnx_model_evaluates_like_its_checkpoint_on_the_same_inputs
     torch_metrics = results.read_metrics(with_torch)
     for key in ("mIoU", "pixel_accuracy", "PQ", "AP"):
         assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=0.5), key
+
+
+def test_bf16_on_a_cpu_without_bf16_units_runs_fp32_and_says_why(tmp_path, data, checkpoint, monkeypatch, caplog):
+    monkeypatch.setattr("mask2former.runtime.precision.cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    folder = tmp_path / "job"
+    with caplog.at_level("INFO", logger="mask2former"):
+        assert run_evaluate(folder, _overrides(data, **{"evaluate.checkpoint": str(checkpoint),
+                                                         "evaluate.precision": "bf16"})) == 0
+    precision = json.loads((folder / "metrics.json").read_text())["precision"]
+    assert precision["requested"] == "bf16" and precision["used"] == "fp32"
+    assert "neither AMX nor AVX-512-bf16" in precision["reason"] and "fp32" not in set(precision) - {"used"}
+    assert any("runs in fp32" in record.getMessage() and "neither AMX" in record.getMessage()
+               for record in caplog.records)
+
+
+@pytest.mark.slow
+def test_bf16_on_a_cpu_with_amx_records_its_accuracy_against_fp32(tmp_path, data, checkpoint, monkeypatch):
+    monkeypatch.setattr("mask2former.runtime.precision.cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    folder = tmp_path / "job"
+    assert run_evaluate(folder, _overrides(data, **{"evaluate.checkpoint": str(checkpoint),
+                                                     "evaluate.precision": "bf16"})) == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    precision = metrics["precision"]
+    assert precision["used"] == "bf16" and "AMX" in precision["reason"]
+    for key in ("mIoU", "PQ"):
+        assert precision["bf16_minus_fp32"][key] == pytest.approx(metrics[key] - precision["fp32"][key])
+        assert abs(precision["bf16_minus_fp32"][key]) < 50  # the same model, scored twice

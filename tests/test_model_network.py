@@ -214,3 +214,21 @@ def test_size_constants_cached_under_inference_mode_serve_training():
     assert model.backbone.layers[0].blocks[1].attn.qkv.weight.grad is not None
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(images)["pred_masks"], expected)
+
+
+def test_recomputing_the_pixel_decoder_encoder_gives_the_same_gradients():
+    """train.recompute_pixel_decoder trades memory for time only: the gradients are the same."""
+    model = tiny_model()
+    model.train()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in (False, True):
+        model.pixel_decoder.encoder.recompute_layers = recompute
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        out = model(images)
+        (out["pred_logits"].sum() + out["pred_masks"].sum()).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)

@@ -19,7 +19,7 @@ from ..evaluation.files import PredictionFilesError, score_prediction_files
 from ..evaluation.models import load_job_runner, with_num_classes
 from ..evaluation.pipeline import build_evaluator, evaluate_runner
 from ..evaluation.progress import ProgressReporter
-from ..evaluation.reports import finite_or_none, kpi, summary_line, write_reports
+from ..evaluation.reports import KPI_KEYS, finite_or_none, kpi, summary_line, write_reports
 from .job import ActionError, ActionResult, Job
 from .resource_failures import reports_resource_failures
 
@@ -61,10 +61,30 @@ def run(config: Any, job: Job) -> ActionResult:
     dataset = _val_dataset(config)
     job.log.info("evaluate: %d images of dataset.val, %s model %s, mode %s", len(dataset), kind, path,
                  config.model.mode)
-    evaluator = build_evaluator(config, dataset)
     progress = ProgressReporter(action="evaluate", status=job.status, log=job.log)
-    metrics = evaluate_runner(runner=runner, dataset=dataset, evaluator=evaluator, dataset_cfg=config.dataset,
-                              batch_size=section.batch_size, num_workers=config.dataset.val.num_workers,
-                              progress=progress)
+
+    def score(progress: Any = None) -> Dict[str, Any]:
+        return evaluate_runner(runner=runner, dataset=dataset, evaluator=build_evaluator(config, dataset),
+                               dataset_cfg=config.dataset, batch_size=section.batch_size,
+                               num_workers=config.dataset.val.num_workers, progress=progress)
+
+    metrics = score(progress)
     metrics["model"] = {"kind": kind, "path": str(path), "mode": config.model.mode}
+    metrics["precision"] = runner.precision_choice.as_dict()
+    if runner.precision_choice.used == "bf16":
+        metrics["precision"].update(_against_fp32(metrics, runner, score, job))
     return _finish(metrics, job, source=f"{kind} {path.name}")
+
+
+def _against_fp32(metrics: Dict[str, Any], runner: Any, score: Any, job: Job) -> Dict[str, Any]:
+    """The same images scored again in fp32: its values and bf16's difference (bf16 - fp32, in points)."""
+    job.log.info("evaluate: scoring again in fp32 for the accuracy bf16 costs")
+    runner.set_precision("fp32")
+    try:
+        reference = score()
+    finally:
+        runner.set_precision("bf16")
+    keys = [key for key in KPI_KEYS if isinstance(reference.get(key), float) and isinstance(metrics.get(key), float)]
+    delta = {key: metrics[key] - reference[key] for key in keys}
+    job.log.info("evaluate: bf16 - fp32: %s", ", ".join(f"{key} {value:+.3f}" for key, value in delta.items()))
+    return {"fp32": {key: reference[key] for key in keys}, "bf16_minus_fp32": delta}

@@ -30,6 +30,12 @@ class EvaluateConfig:
         None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
                           "<results_dir>/evaluate (--results-dir and the operators name the job folder exactly).",
         nullable=True)
+    precision: str = spec_field(
+        "fp32", description="Model precision: bf16 autocast for a PyTorch checkpoint on hardware with bf16 units "
+                            "(a CUDA GPU; a CPU with AMX or AVX-512-bf16), else fp32; the log says which and why. "
+                            "When bf16 is used, evaluate also scores in fp32 and records the difference in "
+                            "metrics.json.",
+        enum=["fp32", "bf16"])
 
 
 @dataclass
@@ -49,6 +55,10 @@ class InferenceConfig:
         None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
                           "<results_dir>/inference (--results-dir and the operators name the job folder exactly).",
         nullable=True)
+    precision: str = spec_field(
+        "fp32", description="Model precision: bf16 autocast for a PyTorch checkpoint on hardware with bf16 units "
+                            "(a CUDA GPU; a CPU with AMX or AVX-512-bf16), else fp32; the log says which and why.",
+        enum=["fp32", "bf16"])
     save_overlays: bool = spec_field(True, description="Write overlay images with a legend beside the "
                                                        "machine-readable outputs.")
 

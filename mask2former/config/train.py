@@ -99,6 +99,9 @@ class TrainConfig:
     precision: str = spec_field("fp32", description="Training precision (bf16/fp16 autocast; the pixel decoder "
                                                     "stays fp32).", enum=["fp32", "fp16", "bf16"])
     distributed_strategy: str = spec_field("ddp", description="Multi-device strategy.", enum=["ddp", "fsdp"])
+    recompute_pixel_decoder: bool = spec_field(
+        True, description="Recompute the pixel decoder's encoder layers in the backward pass instead of keeping "
+                          "their activations (less peak memory for a slightly longer step).")
     optim: OptimConfig = section(OptimConfig, "Optimiser and learning-rate schedule.")
 
 

@@ -18,6 +18,7 @@ from ..checkpoint import CheckpointError, read_checkpoint
 from ..data.label_map import LabelEntry, LabelMap, default_color
 from ..runtime import load_runner, runner_kind_for, select_device
 from ..runtime.inference_model import output_names
+from ..runtime.precision import choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ def model_source(section: Any, *, action: str) -> Tuple[str, Path]:
 
 
 def load_job_runner(config: Any, *, action: str) -> Tuple[Any, str, Path]:
-    """The runner of the job's model on its device, checked against ``model.mode``: (runner, kind, path)."""
+    """The runner of the job's model on its device, checked against ``model.mode``: (runner, kind, path).
+    The runner runs in the precision ``<action>.precision`` allows on that device; ``runner.precision_choice``
+    says which and why."""
     section = getattr(config, action)
     kind, path = model_source(section, action=action)
     require_model_key(path, config.encryption_key)
@@ -51,6 +54,11 @@ def load_job_runner(config: Any, *, action: str) -> Tuple[Any, str, Path]:
     if not set(output_names(wanted)) <= set(output_names(runner.mode)):
         raise ActionError(f"model.mode={wanted} needs the outputs {list(output_names(wanted))}, but {path} was built "
                           f"for mode {runner.mode} ({list(output_names(runner.mode))}); set model.mode={runner.mode}.")
+    runner.precision_choice = choose_precision(section.precision, kind=kind, device=device)
+    if runner.precision_choice.used == "bf16":
+        runner.set_precision("bf16")
+    log.info("%s: runs in %s (%s.precision=%s: %s)", action, runner.precision_choice.used, action,
+             section.precision, runner.precision_choice.reason)
     return runner, kind, path
 
 

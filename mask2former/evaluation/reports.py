@@ -13,13 +13,15 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..results import atomic_write_text
+from ..results import atomic_write_bytes, atomic_write_text
 
 KPI_KEYS = ("mIoU", "PQ", "AP")
 IOU_TABLE = "per_class_iou.csv"
 PQ_TABLE = "per_class_pq.csv"
 AP_TABLE = "per_class_ap.csv"
 IOU_CHART = "per_class_iou.png"
+# Per-class IoU chart layout, pixels: font size, row height, bar length at 100 %, outer margin.
+_CHART_FONT, _CHART_ROW, _CHART_WIDTH, _CHART_MARGIN = 12, 20, 500, 8
 
 
 def finite_or_none(value: Any) -> Any:
@@ -76,32 +78,41 @@ def _write(path: Path, text: str) -> Path:
 
 def plot_per_class_iou(path: Path, per_class_iou: Dict[str, Dict[str, float]], *, title: str) -> Path:
     """Horizontal bar chart of the defined per-class IoUs (classes absent from both ground truth and
-    prediction are left out), written as PNG with matplotlib's Agg backend."""
-    import matplotlib
+    prediction are left out), drawn with Pillow and written as PNG.
 
-    matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
+    Pillow rather than matplotlib: importing matplotlib's figure machinery alone takes about 1.6 s on a
+    2-core host, more than scoring 500 images."""
+    from PIL import Image, ImageDraw, ImageFont
 
     items = [(name, v["iou"]) for name, v in per_class_iou.items() if math.isfinite(v["iou"])]
-    height = max(2.5, 0.25 * len(items) + 1.2)
-    figure, axes = plt.subplots(figsize=(8, height))
-    try:
-        if items:
-            names, values = zip(*items)
-            positions = list(range(len(items)))
-            axes.barh(positions, values, color="#4c72b0")
-            axes.set_yticks(positions, labels=names, fontsize=8)
-            axes.invert_yaxis()
-        else:
-            axes.text(0.5, 0.5, "no class present", ha="center", va="center", transform=axes.transAxes)
-        axes.set_xlim(0, 100)
-        axes.set_xlabel("IoU (%)")
-        axes.set_title(title)
-        figure.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-    finally:
-        plt.close(figure)
+    font = ImageFont.load_default(size=_CHART_FONT)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max([measure.textlength(name, font=font) for name, _ in items] or [0.0])
+    left = int(label_width) + 2 * _CHART_MARGIN
+    top, bar_area = 2 * _CHART_ROW, _CHART_WIDTH
+    height = top + _CHART_ROW * max(len(items), 1) + 2 * _CHART_ROW
+    image = Image.new("RGB", (left + bar_area + 2 * _CHART_MARGIN, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((image.width / 2, _CHART_ROW), title, fill="black", font=font, anchor="mm")
+    bottom = top + _CHART_ROW * max(len(items), 1)
+    for tick in range(0, 101, 20):  # the x axis, 0..100 %
+        x = left + bar_area * tick / 100
+        draw.line([(x, top), (x, bottom)], fill="#dddddd")
+        draw.text((x, bottom + 4), str(tick), fill="black", font=font, anchor="mt")
+    draw.text((left + bar_area / 2, bottom + _CHART_ROW + 4), "IoU (%)", fill="black", font=font, anchor="mt")
+    if not items:
+        draw.text((left + bar_area / 2, top + _CHART_ROW / 2), "no class present", fill="black", font=font,
+                  anchor="mm")
+    for row, (name, value) in enumerate(items):
+        y = top + row * _CHART_ROW
+        draw.rectangle([(left, y + 3), (left + bar_area * min(max(value, 0.0), 100.0) / 100, y + _CHART_ROW - 3)],
+                       fill="#4c72b0")
+        draw.text((left - _CHART_MARGIN, y + _CHART_ROW / 2), name, fill="black", font=font, anchor="rm")
+    draw.rectangle([(left, top), (left + bar_area, bottom)], outline="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

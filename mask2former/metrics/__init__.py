@@ -2,7 +2,7 @@
 
 - :class:`SemanticEvaluator`: confusion matrix, mIoU, fwIoU, pixel and mean accuracy.
 - :class:`PanopticEvaluator`: PQ, SQ, RQ over all, thing and stuff categories (panopticapi semantics).
-- :class:`InstanceEvaluator`: mask AP through pycocotools' COCOeval ("segm").
+- :class:`InstanceEvaluator`: mask AP through faster-coco-eval's COCOeval ("segm", the same numbers as pycocotools).
 
 Plain numpy in, plain dicts out (values in percent); no dependency on the data loaders or torch.
 """

@@ -45,6 +45,8 @@ def masks_to_original(mask_logits: torch.Tensor, image_size: Sequence[int], padd
         raise ValueError(f"masks_to_original: orig_size must be positive; got {tuple(orig_size)}")
     maps = F.interpolate(mask_logits[None], size=(padded_h, padded_w), mode="bilinear", align_corners=False)
     maps = maps[:, :, :image_h, :image_w]
+    if (image_h, image_w) == (orig_h, orig_w):  # a bilinear resize to the same size is the identity
+        return maps[0]
     return F.interpolate(maps, size=(orig_h, orig_w), mode="bilinear", align_corners=False)[0]
 
 
@@ -117,7 +119,7 @@ def semantic_inference(class_scores: torch.Tensor) -> torch.Tensor:
     """[H, W] int64 class map: argmax over the classes of [K, H, W] scores (from `semantic_scores`)."""
     if class_scores.dim() != 3:
         raise ValueError(f"semantic_inference expects [K, H, W] scores; got {tuple(class_scores.shape)}")
-    return class_scores.argmax(0)
+    return class_scores.max(0).indices  # the first index on ties, as argmax, and faster on the CPU
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -176,7 +178,8 @@ def panoptic_inference(scores: torch.Tensor, classes: torch.Tensor, mask_probs: 
     num_kept = kept_scores.shape[0]
     if num_kept == 0:
         return torch.zeros((height, width), dtype=torch.int32, device=mask_probs.device), []
-    winner = (kept_scores[:, None, None] * kept_masks).argmax(0)  # [H, W], first index on ties
+    # max(0).indices, not argmax(0): the same first index on ties, several times faster on the CPU
+    winner = (kept_scores[:, None, None] * kept_masks).max(0).indices  # [H, W]
     confident = kept_masks.gather(0, winner[None])[0] >= 0.5
     winner_area = torch.bincount(winner.flatten(), minlength=num_kept).tolist()
     own_area = (kept_masks >= 0.5).flatten(1).sum(1).tolist()

@@ -16,12 +16,16 @@ from ..config.model import ModelConfig
 from ..errors import ActionError
 from .inference_model import InferenceModel
 
+#: bf16 inference runs the pixel decoder in bf16 too (see BENCHMARKS.md for the accuracy this costs).
+PIXEL_DECODER_BF16 = True
+
 
 class TorchRunner:
     """Any input size and batch size; outputs stay on ``device``."""
 
     fixed_input_size = None
     max_batch_size = None
+    precision = "fp32"
 
     def __init__(self, model: nn.Module, *, model_cfg: ModelConfig, device: Union[str, torch.device]) -> None:
         self.device = torch.device(device)
@@ -43,11 +47,23 @@ class TorchRunner:
             raise ActionError(str(exc)) from exc
         return cls(model, model_cfg=config, device=device)
 
+    def set_precision(self, precision: str, *, pixel_decoder_bf16: bool = PIXEL_DECODER_BF16) -> None:
+        """Run in ``precision`` ("fp32" or "bf16" autocast; the caller has chosen it for the hardware).
+        ``pixel_decoder_bf16``: let autocast reach the deformable-attention pixel decoder too."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"TorchRunner precision must be fp32 or bf16; got {precision!r}")
+        self.precision = precision
+        for module in self.model.modules():
+            if hasattr(module, "fp32_under_autocast"):
+                module.fp32_under_autocast = not (precision == "bf16" and pixel_decoder_bf16)
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"TorchRunner expects images [B, 3, H, W]; got {tuple(images.shape)}")
-        return self.model(images.to(self.device, dtype=torch.float32))
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            outputs = self.model(images.to(self.device, dtype=torch.float32))
+        return {name: value.float() if value.is_floating_point() else value for name, value in outputs.items()}
 
 
 def load(path: Union[str, Path], config: Any, device: torch.device) -> TorchRunner:

@@ -145,6 +145,7 @@ def build_network(config: Any):
         load_pretrained_model(model, Path(config.train.pretrained_model_path), encryption_key=config.encryption_key,
                               contiguous_id=config.dataset.contiguous_id)
     freeze_parameters(model, list(config.train.freeze))
+    model.pixel_decoder.encoder.recompute_layers = config.train.recompute_pixel_decoder
     return model, build_criterion(config.model)
 
 

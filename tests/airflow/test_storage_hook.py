@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from mask2former.data.archives import COMPLETE_MARKER
 from mask2former.data.sources import plan_data_sources
 from mask2former.data.staging import SourceNotFoundError
-from operators.hooks import storage
+from operators.hooks.object_store import JobStore
 from operators.hooks.storage import (DIGEST_METADATA, FINISHED_MARKER, Mask2FormerStorageHook, StorageNotFound,
                                      StorageUnavailable)
 from s3_server import (MotoS3Server, count_calls, free_port, moto_endpoint, moto_server, new_bucket,  # noqa: F401
@@ -82,10 +84,34 @@ def test_stage_through_the_connection_then_nothing_the_second_time(dataset, hook
 def test_a_pod_stages_with_its_own_environment(s3_env, tmp_path):  # noqa: F811
     bucket = new_bucket(s3_env)
     upload(s3_env, bucket, {"train/images.tar.gz": tar_gz({"a.jpg": b"jpeg"})})
-    staged = Mask2FormerStorageHook(aws_conn_id=None).stage(
+    staged = JobStore().stage(
         {"dataset.train.img_dir": f"s3://{bucket}/train/images.tar.gz", "train.num_epochs": 3}, tmp_path, log=print)
     assert (Path(staged.local_overrides["dataset.train.img_dir"]) / "a.jpg").read_bytes() == b"jpeg"
     assert staged.local_overrides["train.num_epochs"] == 3
+
+
+def test_a_job_process_publishes_beats_and_stops_on_s3_without_airflow(s3_env, tmp_path):  # noqa: F811
+    """The job process's store (boto3's environment, no Airflow import) does what the hook does on S3."""
+    job_uri = f"s3://{new_bucket(s3_env)}/results/job"
+    store = JobStore()
+    folder = tmp_path / "job"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "metrics.json").write_text('{"mIoU": 1.0}')
+    (folder / "sub" / "model.pth").write_bytes(os.urandom(70_000))
+    published = store.publish(folder, job_uri)
+    assert published.uploaded_files == 2 and store.is_finished(job_uri)
+    assert store.publish(folder, job_uri).skipped_files == 2  # unchanged files are not uploaded again
+    assert store.read_bytes(f"{job_uri}/sub/model.pth") == (folder / "sub" / "model.pth").read_bytes()
+    assert sorted(f.path for f in store.list_files(job_uri)) == [FINISHED_MARKER, "metrics.json", "sub/model.pth"]
+    store.beat(job_uri, host="pod", pid=1)
+    assert store.last_beat(job_uri)["host"] == "pod" and store.stop_requested(job_uri) is None
+    Mask2FormerStorageHook(aws_conn_id=None).request_stop(job_uri, "asked")
+    assert store.stop_requested(job_uri) == "asked"
+    store.clear_job_controls(job_uri)
+    assert store.stop_requested(job_uri) is None and not store.exists(f"{job_uri}/_STOP")
+    imported = subprocess.run([sys.executable, "-c", "import sys, operators.pod_job; print('airflow' in sys.modules)"],
+                              capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2])
+    assert imported.stdout.strip() == "False"
 
 
 def test_concurrent_stagings_share_one_cache(dataset, hook, tmp_path):

@@ -7,6 +7,7 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..shape_cache import shape_cached
 from .msdeform_attn import MSDeformAttn
@@ -64,9 +65,18 @@ class MSDeformEncoder(nn.Module):
             for _ in range(num_layers)
         )
 
+    #: In training, keep only each layer's input and recompute the layer in the backward pass (the sampled
+    #: values, attention weights and FFN activations of every token at three scales are most of the pixel
+    #: decoder's saved memory; recomputing them costs one more encoder forward).
+    recompute_layers = False
+
     def forward(self, src: torch.Tensor, pos: torch.Tensor, spatial_shapes: List[Tuple[int, int]]) -> torch.Tensor:
         """``src``/``pos`` [B, S, C] with the levels flattened and concatenated in ``spatial_shapes`` order."""
         reference_points = encoder_reference_points(tuple(spatial_shapes), device=src.device, dtype=src.dtype)
+        recompute = self.recompute_layers and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes)
+            if recompute:
+                src = checkpoint(layer, src, pos, reference_points, spatial_shapes, use_reentrant=False)
+            else:
+                src = layer(src, pos, reference_points, spatial_shapes)
         return src

@@ -96,13 +96,20 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for module in list(self.fpn_lateral) + list(self.fpn_output):
             _c2_xavier_fill(module[0])
 
+    #: Under autocast, run in fp32 all the same (training: the sampling offsets and attention weights are
+    #: sensitive to bf16/fp16 rounding). An inference runner may set it False to let autocast reach the
+    #: pixel decoder as well.
+    fp32_under_autocast = True
+
     def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Returns (mask features [B, mask_dim, H/4, W/4], [1/32, 1/16, 1/8 maps, each [B, conv_dim, h, w]])."""
+        if not self.fp32_under_autocast:
+            return self._forward_levels(features)
         device_type = next(iter(features.values())).device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._forward_fp32({name: x.float() for name, x in features.items()})
+            return self._forward_levels({name: x.float() for name, x in features.items()})
 
-    def _forward_fp32(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def _forward_levels(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         srcs, pos, shapes = [], [], []
         for idx, name in enumerate(reversed(self.transformer_in_features)):
             y = self.input_proj[idx](features[name])
