@@ -17,6 +17,7 @@ import pytest
 from mask2former.data.archives import COMPLETE_MARKER
 from mask2former.data.sources import plan_data_sources
 from mask2former.data.staging import SourceNotFoundError
+from operators.hooks import storage
 from operators.hooks.object_store import JobStore
 from operators.hooks.storage import (DIGEST_METADATA, FINISHED_MARKER, Mask2FormerStorageHook, StorageNotFound,
                                      StorageUnavailable)
