@@ -19,6 +19,7 @@ from airflow.sdk import Param, TaskGroup
 
 from mask2former.automl import policy as policy_lib
 from operators.operators.actions import Mask2FormerTrainOperator
+from operators.utils.gpu import gpu_routing
 from operators.operators.automl import (ALGORITHMS, Mask2FormerAutoMLPlanOperator, Mask2FormerAutoMLPolicyOperator,
                                         Mask2FormerAutoMLResultOperator, Mask2FormerAutoMLSelectOperator,
                                         Mask2FormerAutoMLTrialsOperator)
@@ -53,6 +54,8 @@ def automl_training(*, group_id: str = "training", result_task_id: str = "train"
     ``job_kwargs`` the arguments every Mask2Former operator takes (spec_overrides, train_datasets, ...).
     ``worker_slots`` trials run in parallel, as mapped tasks in ``pool`` (create it with as many slots as
     GPUs: ``airflow pools set mask2former_gpu 2 "GPUs for training"``; a pool that does not exist runs nothing).
+    On a deployment with GPU workers the trials, like every GPU stage, take the GPU queue and pool
+    (:func:`operators.utils.gpu.gpu_routing`).
     """
     if worker_slots < 1:
         raise ValueError(f"worker_slots must be >= 1, got {worker_slots}")
@@ -66,7 +69,8 @@ def automl_training(*, group_id: str = "training", result_task_id: str = "train"
                                                  automl_task_id=plan.task_id, direct_task_id=direct.task_id)
         trials = Mask2FormerAutoMLTrialsOperator.partial(
             task_id="automl_trials", plan=plan.output, aws_conn_id=aws_conn_id,
-            **{k: job_kwargs[k] for k in _KEY_SOURCES if k in job_kwargs}, **({"pool": pool} if pool else {}),
+            **{k: job_kwargs[k] for k in _KEY_SOURCES if k in job_kwargs},
+            **{**({"pool": pool} if pool else {}), **gpu_routing().task_arguments()},
         ).expand(slot=list(range(worker_slots)))
         select = Mask2FormerAutoMLSelectOperator(task_id="automl_select", plan=plan.output, aws_conn_id=aws_conn_id)
         policy >> [plan, direct]

@@ -81,9 +81,14 @@ def pipeline_params() -> Dict[str, Param]:
 def retrain_params(*, data_root_default: str, eval_default: Any) -> Dict[str, Param]:
     params = {
         "data_root": Param(data_root_default, type="string", minLength=1, title="Data root",
-                           description="Root of the dated training partitions (<data_root>/<YYYY-MM-DD>/...). A run "
-                                       "with a logical date trains on its partition; a run without one (asset "
-                                       "event, manual) on the newest.", section="Data"),
+                           description="Root of the dated training partitions (<data_root>/<YYYY-MM-DD>/...). "
+                                       "Scheduled and backfill runs train on their logical date's partition; "
+                                       "manual and asset-triggered runs on the one named below (or by the asset "
+                                       "event), else the newest.", section="Data"),
+        "partition": Param(None, type=["null", "string"], pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}$",
+                           title="Partition",
+                           description="YYYY-MM-DD partition for a manual run; empty: the newest one.",
+                           section="Data"),
     }
     data = dataset_params(eval_default=eval_default)
     params["eval_dataset"] = data["eval_dataset"]

@@ -215,7 +215,9 @@ class _AutoMLRequest(Mask2FormerTrainOperator):
 
 
 class Mask2FormerAutoMLPlanOperator(_AutoMLRequest):
-    """The plan role of a search whose trials run as ``worker_slots`` mapped tasks."""
+    """The plan role of a search whose trials run as ``worker_slots`` mapped tasks (no GPU: the trials train)."""
+
+    wants_gpu = False
 
     def __init__(self, *, worker_slots: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)

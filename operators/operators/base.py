@@ -42,6 +42,7 @@ from ..links.job import Mask2FormerJobLink
 from ..pod_job import EXIT_USAGE
 from ..triggers.job import Mask2FormerJobTrigger
 from ..utils.encryption import EncryptionKeyArguments
+from ..utils.gpu import gpu_routing
 from ..utils.jobs import JobPaths, default_results_root, job_id
 from ..utils.outcome import published_outcome
 from ..utils.overrides import coerce_overrides, is_templated, job_overrides, validate_literal_overrides
@@ -94,6 +95,9 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
     """
 
     action: ClassVar[str] = ""
+    #: Stages that want a GPU go to the GPU queue and pool when the deployment has GPU workers
+    #: (:func:`~operators.utils.gpu.gpu_routing`); an explicit ``queue``/``pool`` argument wins.
+    wants_gpu: ClassVar[bool] = False
     template_fields: Sequence[str] = ("spec_overrides", "train_datasets", "eval_dataset", "dataset_format",
                                       "results_root", "parent", "checkpoint_choose_method")
     template_fields_renderers = {"spec_overrides": "json", "parent": "json"}
@@ -110,6 +114,9 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
                  deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
                  wait_for_completion: bool = True, check_interval: float = 10.0,
                  job_timeout: Optional[Any] = None, **kwargs: Any) -> None:
+        if self.wants_gpu:
+            for name, value in gpu_routing().task_arguments().items():
+                kwargs.setdefault(name, value)
         super().__init__(**kwargs)
         self.spec_overrides = spec_overrides
         self.train_datasets = train_datasets

@@ -344,6 +344,66 @@ def test_backfill_retrains_each_partition_into_its_own_folder(stack):
         assert second_states["export"] == "skipped" and second_states["write_champion"] == "skipped"
 
 
+def wait_runs(stack, dag_id, pick, count, timeout=300):
+    deadline = time.monotonic() + timeout
+    runs = []
+    while time.monotonic() < deadline:
+        runs = [r for r in stack.runs(dag_id) if pick(r)]
+        if len(runs) >= count and all(r["state"] in ("success", "failed") for r in runs):
+            return runs
+        time.sleep(2)
+    raise TimeoutError(f"{dag_id}: {runs}\n{stack.tail_logs()}")
+
+
+def test_scheduled_retrain_without_new_data_is_skipped_with_its_reason(stack):
+    """Unpausing makes the scheduler create the last Monday's run at once; no partition of that date exists."""
+    stack.unpause(RETRAIN)
+    run = wait_runs(stack, RETRAIN, lambda r: r["run_type"] == "scheduled", 1)[0]
+    day = run["logical_date"][:10]
+    assert run["state"] == "success", stack.task_states(RETRAIN, run["dag_run_id"])
+    states = stack.task_states(RETRAIN, run["dag_run_id"])
+    assert states["select_partition"] == "skipped" and states["train"] == "skipped"
+    assert states["decide"] == "skipped" and states["write_champion"] == "skipped"
+    assert f"no new data for {day}" in stack.task_log(RETRAIN, run["dag_run_id"], "select_partition")
+
+
+def test_partition_choice_follows_how_the_run_was_triggered(stack):
+    """The trigger form's payload (logical date = now), the REST API with a partition param and without a
+    logical date, and an asset event naming a partition; the training itself is marked skipped at creation."""
+    stack.unpause(RETRAIN)
+    now = datetime.now().astimezone().isoformat()
+    made = {}
+    for name, body in (("form", {"logical_date": now, "conf": {}}),
+                       ("api_param", {"logical_date": None, "conf": {"partition": "2024-01-01"}})):
+        reply = stack.api("POST", f"/api/v2/dags/{RETRAIN}/dagRuns", json=body)
+        assert reply.status_code == 200, reply.text
+        made[name] = reply.json()["dag_run_id"]
+        stack.set_task_state(RETRAIN, made[name], "train", "skipped", downstream=True)
+    refused = stack.api("POST", f"/api/v2/dags/{RETRAIN}/dagRuns",
+                        json={"logical_date": None, "conf": {"partition": "last monday"}})
+    assert refused.status_code == 400 and "partition" in refused.text  # the form's pattern, at trigger time
+    assets = stack.api("GET", "/api/v2/assets", params={"name_pattern": "mask2former_training_data"}).json()["assets"]
+    event = stack.api("POST", "/api/v2/assets/events",
+                      json={"asset_id": assets[0]["id"], "extra": {"partition": "2024-01-01"}})
+    assert event.status_code == 200, event.text
+    deadline = time.monotonic() + 120
+    while "asset" not in made and time.monotonic() < deadline:
+        made.update(("asset", r["dag_run_id"]) for r in stack.runs(RETRAIN) if r["run_type"] == "asset_triggered")
+        time.sleep(0.5)
+    stack.set_task_state(RETRAIN, made["asset"], "train", "skipped", downstream=True)
+    for run_id in made.values():
+        assert stack.wait_run(RETRAIN, run_id, timeout=300) == "success"
+    choices = {name: stack.xcom(RETRAIN, run_id, "select_partition", key="partition_choice")
+               for name, run_id in made.items()}
+    assert choices["form"]["partition"] == "2024-01-08" and "newest" in choices["form"]["reason"]
+    assert choices["form"]["run_type"] == "manual"
+    assert choices["api_param"]["partition"] == "2024-01-01" and "param" in choices["api_param"]["reason"]
+    assert choices["asset"]["partition"] == "2024-01-01" and "asset" in choices["asset"]["reason"]
+    assert choices["asset"]["run_type"] == "asset_triggered"
+    log = stack.task_log(RETRAIN, made["form"], "select_partition")
+    assert "training on" in log and "the newest partition" in log
+
+
 def test_extra_link_opens_the_plugin_job_page(stack):
     run = next(r for r in stack.runs(RETRAIN) if r["run_type"] == "backfill")
     links = stack.links(RETRAIN, run["dag_run_id"], "train")
