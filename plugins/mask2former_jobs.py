@@ -30,6 +30,8 @@ from operators.utils.outcome import small_metrics
 
 #: Metrics shown as columns of the job list, when a job has them.
 HEADLINE_METRICS = ("mIoU", "PQ", "AP", "pixel_accuracy")
+#: The validation metric whose best epoch the list shows.
+BEST_METRIC = "mIoU"
 #: Depth of job folders under the root (dag / run / task).
 JOB_DEPTH = 3
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
@@ -37,7 +39,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
 SERVED_TYPES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
     ".json": "application/json", ".yaml": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8",
-    ".log": "text/plain; charset=utf-8",
+    ".log": "text/plain; charset=utf-8", ".csv": "text/csv; charset=utf-8",
 }
 SERVED_SUFFIXES = tuple(SERVED_TYPES)
 #: Images shown in a job page's gallery.
@@ -241,6 +243,11 @@ def load_job(store: JobRoot, job: str) -> Optional[Tuple[JobSummary, List[Stored
     return read_job(store, entry), files
 
 
+def is_served_name(path: str) -> bool:
+    """Whether the pages serve a file of this name (by suffix)."""
+    return PurePosixPath(path).suffix.lower() in SERVED_TYPES
+
+
 def open_served_file(store: JobRoot, path: str) -> Optional[Tuple[OpenedFile, str]]:
     """A file of a job folder that the pages may serve, with its content type, or None.
 
@@ -257,18 +264,31 @@ def open_served_file(store: JobRoot, path: str) -> Optional[Tuple[OpenedFile, st
     return None if opened is None else (opened, media_type)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def series(lines: List[Dict[str, Any]]) -> Dict[str, List[Tuple[float, float]]]:
-    """Numeric kpi values of the status lines by epoch (or line number): one series per kpi name."""
-    out: Dict[str, List[Tuple[float, float]]] = {}
-    for index, line in enumerate(lines):
-        kpi = line.get("kpi")
-        if not isinstance(kpi, dict):
+    """Per-epoch kpi values of the status lines (lines that carry an epoch): one series per kpi name, the last
+    value of an epoch kept (a resumed run repeats epochs)."""
+    out: Dict[str, Dict[float, float]] = {}
+    for line in lines:
+        kpi, epoch = line.get("kpi"), line.get("epoch")
+        if not isinstance(kpi, dict) or not _number(epoch):
             continue
-        x = line.get("epoch") if isinstance(line.get("epoch"), (int, float)) else index
         for name, value in kpi.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                out.setdefault(name, []).append((float(x), float(value)))
-    return out
+            if _number(value):
+                out.setdefault(name, {})[float(epoch)] = float(value)
+    return {name: sorted(points.items()) for name, points in out.items()}
+
+
+def best_of(lines: List[Dict[str, Any]], name: str = BEST_METRIC) -> Optional[Dict[str, float]]:
+    """The best (highest) per-epoch value of ``name`` with its epoch, or None."""
+    points = series(lines).get(name)
+    if not points:
+        return None
+    epoch, value = max(points, key=lambda point: (point[1], -point[0]))
+    return {"value": value, "epoch": int(epoch) if float(epoch).is_integer() else epoch}
 
 
 # ------------------------------------------------------------------------------------ pages
@@ -325,11 +345,13 @@ def _href(path: str, params: Mapping[str, Any]) -> str:
 
 def render_list(location: str, page: JobPage, base: str, root_params: Mapping[str, str]) -> str:
     """The job list page; ``root_params`` (``{"root": ...}`` or empty) is carried by every link."""
-    heads = "".join(f"<th>{m}</th>" for m in HEADLINE_METRICS)
+    heads = "".join(f"<th>{m}</th>" for m in HEADLINE_METRICS) + f"<th>best {BEST_METRIC} (epoch)</th>"
     rows = []
     for job in page.jobs:
         cells = "".join(f"<td>{_fmt(v) if (v := headline(job.metrics, m)) is not None else ''}</td>"
                         for m in HEADLINE_METRICS)
+        best = best_of(job.status_lines)
+        cells += f"<td>{_fmt(best['value'])} (epoch {best['epoch']})</td>" if best else "<td></td>"
         rows.append(f"<tr><td><a href='{_href(f'{base}/jobs/{job.job_id}', root_params)}'>"
                     f"{html.escape(job.job_id)}</a></td>"
                     f"<td>{_fmt(job.action or '')}</td><td class='{_fmt(job.status)}'>{_fmt(job.status or '')}</td>"
@@ -346,9 +368,17 @@ def render_list(location: str, page: JobPage, base: str, root_params: Mapping[st
 
 def render_job(job: JobSummary, files: List[StoredFile], base: str, root_params: Mapping[str, str]) -> str:
     """A job page: metrics, progress plots, images, status lines and files; links carry ``root_params``."""
-    charts = "".join(svg_chart(name, pts) for name, pts in sorted(series(job.status_lines).items()) if pts)
+    per_epoch = series(job.status_lines)
+    charts = "".join(svg_chart(name, pts) for name, pts in sorted(per_epoch.items()) if len(pts) > 1)
+    single = {name: pts[0][1] for name, pts in per_epoch.items() if len(pts) == 1}
+    for line in job.status_lines:  # kpi values without an epoch (a result): values, never a chart
+        if isinstance(line.get("kpi"), dict) and not _number(line.get("epoch")):
+            single.update({name: value for name, value in line["kpi"].items() if _number(value)})
     metric_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
-                          for k, v in sorted(job.metrics.items()))
+                          for k, v in sorted({**single, **job.metrics}.items()))
+    best = best_of(job.status_lines)
+    best_line = (f"<p class='best'>Best {BEST_METRIC}: <b>{_fmt(best['value'])}</b> at epoch {best['epoch']}</p>"
+                 if best else "")
     status_rows = "".join(
         f"<tr><td>{_fmt(line.get('date', ''))} {_fmt(line.get('time', ''))}</td>"
         f"<td class='{_fmt(line.get('status'))}'>{_fmt(line.get('status', ''))}</td>"
@@ -359,13 +389,20 @@ def render_job(job: JobSummary, files: List[StoredFile], base: str, root_params:
     gallery = "".join(f"<a href='{_href(f'{base}/files/{f.path}', root_params)}'><img class='result' "
                       f"src='{_href(f'{base}/files/{f.path}', root_params)}' "
                       f"alt='{html.escape(PurePosixPath(f.path).name)}'></a>" for f in images)
-    listed = "".join(f"<li>{html.escape(f.path[len(job.job_id) + 1:])} ({f.size} bytes)</li>" for f in files)
+    served = [f for f in files if is_served_name(f.path)]
+    listed = "".join(f"<li><a href='{_href(f'{base}/files/{f.path}', root_params)}'>"
+                     f"{html.escape(f.path[len(job.job_id) + 1:])}</a> ({f.size} bytes)</li>" for f in served)
+    others = len(files) - len(served)
+    if others:
+        listed += (f"<li>and {others} other file{'s' if others > 1 else ''} (models, checkpoints, TensorBoard "
+                   f"events, markers) not served here: read them from the folder above</li>")
     body = (f"<p><a href='{_href(f'{base}/', root_params)}'>All jobs</a></p><h1>{html.escape(job.job_id)}</h1>"
             f"<p>Action <b>{_fmt(job.action or '?')}</b>, status <b class='{_fmt(job.status)}'>"
             f"{_fmt(job.status or '?')}</b>{', published' if job.finished else ''}. "
             f"Folder <code>{html.escape(job.location)}</code></p>"
-            f"<h2>Metrics</h2>{f'<table>{metric_rows}</table>' if metric_rows else '<p>No metrics.json yet.</p>'}"
-            f"<h2>Plots</h2>{charts or '<p>No numeric progress values in status.json yet.</p>'}{gallery}"
+            f"<h2>Metrics</h2>{best_line}"
+            f"{f'<table>{metric_rows}</table>' if metric_rows else '<p>No metrics.json yet.</p>'}"
+            f"<h2>Plots</h2>{charts or '<p>No per-epoch values to plot.</p>'}{gallery}"
             f"<h2>Status</h2><table><tr><th>time</th><th>status</th><th>message</th><th>epoch</th><th>kpi</th></tr>"
             f"{status_rows}</table><h2>Files</h2><ul>{listed}</ul>")
     return _page(f"Mask2Former job {job.job_id}", body)
@@ -373,4 +410,5 @@ def render_job(job: JobSummary, files: List[StoredFile], base: str, root_params:
 
 def job_json(job: JobSummary) -> Dict[str, Any]:
     return {"job_id": job.job_id, "action": job.action, "status": job.status, "message": job.message,
-            "updated": job.updated, "finished": job.finished, "metrics": job.metrics}
+            "updated": job.updated, "finished": job.finished, "metrics": job.metrics,
+            f"best_{BEST_METRIC}": best_of(job.status_lines)}

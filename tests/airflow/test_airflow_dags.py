@@ -103,33 +103,57 @@ def test_retrain_schedule_is_weekly_or_new_data(bag):
 
 
 def test_trigger_form_mirrors_the_schemas(bag):
-    schema = json.loads((REPO / "schemas" / "train.schema.json").read_text())
+    """Every popular key of the schema files is a typed Param with its section; the overrides' schema lists
+    every other valid key and refuses misspelt keys and wrong types."""
+    import jsonschema
 
-    def leaf(dotted):
-        node = schema
-        for part in dotted.split("."):
-            node = node["properties"][part]
-        return node
+    from airflow.sdk.exceptions import ParamValidationError
 
+    schemas = [json.loads(p.read_text()) for p in sorted((REPO / "schemas").glob("*.schema.json"))]
+
+    def leaves(node, prefix=""):
+        for name, sub in node.get("properties", {}).items():
+            if sub.get("type") == "object":
+                yield from leaves(sub, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", sub
+
+    every = {key: leaf for schema in schemas for key, leaf in leaves(schema)}
+    # filled by the DAG from the upstream task's model and the dataset root
+    parent_keys = {f"{action}.{key}" for action in ("evaluate", "inference") for key in
+                   ("checkpoint", "onnx_file", "trt_engine")}
+    parent_keys |= {"export.checkpoint", "quantize.model_path", "gen_trt_engine.onnx_file", "dataset.label_map"}
+    popular = {key for key, leaf in every.items() if leaf.get("popular")} - parent_keys
+    assert {"train.num_epochs", "train.optim.lr", "model.mode", "dataset.train.batch_size"} <= popular
+    for dag_id in ("mask2former_pipeline", "mask2former_retrain"):
+        params = bag.dags[dag_id].params
+        for key in popular:
+            param, spec = params.get_param(key), every[key]
+            assert param.value == spec["default"], key
+            for keyword in ("type", "enum", "minimum", "maximum", "exclusiveMinimum"):
+                assert param.schema.get(keyword) == spec.get(keyword), (key, keyword)
+            assert param.schema["section"] == {"model": "Model", "dataset": "Dataset", "train": "Training"}[
+                key.split(".")[0]]
+        overrides = params.get_param("spec_overrides")
+        assert set(overrides.schema["properties"]) == set(every) - parent_keys - {"results_dir", "encryption_key"}
+        overrides.resolve({"model.mask_former.dec_layers": 3, "export.opset_version": 17})
+        for bad in ({"model.mask_former.num_object_querys": 5}, {"train.num_epochs": "3"}, {"encryption_key": "k"}):
+            with pytest.raises(ParamValidationError):
+                overrides.resolve(bad)
+        jsonschema.Draft202012Validator.check_schema({k: v for k, v in overrides.schema.items()
+                                                     if k not in ("section", "title", "description")})
     params = bag.dags["mask2former_pipeline"].params
-    expected = {"mode": "model.mode", "backbone": "model.backbone.swin.type",
-                "num_classes": "model.sem_seg_head.num_classes", "num_epochs": "train.num_epochs",
-                "learning_rate": "train.optim.lr"}
-    for name, key in expected.items():
-        spec, param = leaf(key), params.get_param(name)
-        assert param.value == spec["default"], name
-        for keyword in ("type", "enum", "minimum", "maximum", "exclusiveMinimum"):
-            assert param.schema.get(keyword) == spec.get(keyword), (name, keyword)
     assert params.get_param("dataset_format").schema["enum"] == ["coco", "coco_panoptic"]
-    assert params.get_param("spec_overrides").schema["type"] == "object"
-    with pytest.raises(Exception, match="num_epochs|minimum|0"):
-        params.get_param("num_epochs").resolve(0)
+    assert params.get_param("automl_policy").schema["section"] == "AutoML"
+    with pytest.raises(ParamValidationError, match="train.num_epochs|minimum|0"):
+        params.get_param("train.num_epochs").resolve(0)
 
 
 def test_spec_overrides_macro_merges_form_fields_and_free_keys():
     from mask2former_params import spec_overrides_from_params
 
-    merged = spec_overrides_from_params({"mode": "semantic", "num_epochs": 3, "learning_rate": None,
+    merged = spec_overrides_from_params({"model.mode": "semantic", "train.num_epochs": 3, "train.optim.lr": None,
+                                         "model.sem_seg_head.num_classes": 200,  # the default: left to the spec
                                          "spec_overrides": {"train.num_epochs": 5, "export.opset_version": 18}})
     assert merged == {"model.mode": "semantic", "train.num_epochs": 5, "export.opset_version": 18}
 

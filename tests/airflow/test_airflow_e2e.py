@@ -4,7 +4,7 @@ through the ``aws_default`` connection, real engine jobs on a tiny model.
 
 * the pipeline: every task's XCom, the published results folders, the metrics; the training process is
   killed after its first checkpoint and the retried task resumes from it; credentials appear nowhere;
-* a bad override in the trigger params fails the first task, naming the key, before any download;
+* a misspelt override or a wrong type in the trigger params is refused when the run is triggered;
 * AutoML: the pipeline's search fans its trials out over two mapped worker slots that the LocalExecutor
   runs at the same time on one Optuna study; every trial is recorded once and evaluate takes the best;
 * a backfill of the retrain DAG over two logical dates trains each partition into its own folders,
@@ -83,27 +83,26 @@ EPOCHS = 3
 
 
 def pipeline_conf(train: str, val: str, **extra) -> dict:
-    conf = {"train_datasets": train, "eval_dataset": val, "dataset_format": "coco_panoptic", "mode": "panoptic",
-            "num_classes": 13, "num_epochs": 1, "learning_rate": 0.0002, "spec_overrides": tiny_overrides(),
-            "automl_policy": "off"}
+    conf = {"train_datasets": train, "eval_dataset": val, "dataset_format": "coco_panoptic",
+            "model.mode": "panoptic", "model.sem_seg_head.num_classes": 13, "train.num_epochs": 1,
+            "train.optim.lr": 0.0002, "spec_overrides": tiny_overrides(), "automl_policy": "off"}
     conf.update(extra)
     return conf
 
 
-def test_bad_override_in_trigger_params_fails_the_first_task_before_staging(stack, moto_server, data):
-    client = s3_client(moto_server.endpoint_url)
-    bucket = new_bucket(moto_server.endpoint_url)
-    upload_tree(client, data / "synthetic", bucket, "data")
-    conf = pipeline_conf(f"s3://{bucket}/data/train", f"s3://{bucket}/data/val",
-                         spec_overrides={**tiny_overrides(), "model.mask_former.num_object_querys": 5})
-    run_id = stack.trigger(PIPELINE, conf)
-    assert stack.wait_run(PIPELINE, run_id, timeout=180) == "failed"
-    states = stack.task_states(PIPELINE, run_id)
-    assert states[TRAIN_TASK] == "failed" and states["evaluate"] == "upstream_failed"
-    assert stack.task_instances(PIPELINE, run_id)[TRAIN_TASK]["try_number"] == 1  # a spec error is not retried
-    log = stack.task_log(PIPELINE, run_id, TRAIN_TASK)
-    assert "model.mask_former.num_object_querys" in log and "model.mask_former.num_object_queries" in log
-    assert moto_server.object_gets(bucket) == []  # nothing was downloaded
+def test_misspelt_override_or_wrong_type_is_refused_when_triggered(stack, data):
+    """The REST API (and the form, which posts to it) checks the params against their JSON schemas, generated
+    from the spec schemas: no run is created."""
+    before = len(stack.runs(PIPELINE))
+    base = pipeline_conf(str(data / "synthetic" / "train"), str(data / "synthetic" / "val"))
+    for bad, named in (({"spec_overrides": {**tiny_overrides(), "model.mask_former.num_object_querys": 5}},
+                        "model.mask_former.num_object_querys"),
+                       ({"spec_overrides": {"train.num_epochs": "three"}}, "three"),
+                       ({"train.num_epochs": 0}, "train.num_epochs")):
+        reply = stack.api("POST", f"/api/v2/dags/{PIPELINE}/dagRuns", json={"logical_date": None,
+                                                                             "conf": {**base, **bad}})
+        assert reply.status_code == 400 and named in reply.text, reply.text
+    assert len(stack.runs(PIPELINE)) == before
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,8 @@ def pipeline_run(stack, moto_server, data):
     client = s3_client(moto_server.endpoint_url)
     bucket = new_bucket(moto_server.endpoint_url)
     upload_tree(client, data / "synthetic", bucket, "data")
-    conf = pipeline_conf(f"s3://{bucket}/data/train", f"s3://{bucket}/data/val", num_epochs=EPOCHS,
+    conf = pipeline_conf(f"s3://{bucket}/data/train", f"s3://{bucket}/data/val",
+                         **{"train.num_epochs": EPOCHS},
                          results_root=f"s3://{bucket}/results")
     run_id = stack.trigger(PIPELINE, conf)
     killed_pid = kill_training_after_first_checkpoint(stack.home / "work" / PIPELINE, TRAIN_TASK, timeout=300)
@@ -312,7 +312,7 @@ def test_automl_records_every_trial_once_and_evaluate_takes_the_best(stack, auto
 
 def test_backfill_retrains_each_partition_into_its_own_folder(stack):
     stack.unpause(RETRAIN)
-    conf = {"spec_overrides": tiny_overrides(), "num_classes": 13, "num_epochs": 1}
+    conf = {"spec_overrides": tiny_overrides(), "model.sem_seg_head.num_classes": 13, "train.num_epochs": 1}
     stack.backfill(RETRAIN, "2024-01-01", "2024-01-09", conf)
     deadline = time.monotonic() + 600
     runs = []

@@ -18,10 +18,13 @@ import mask2former_plugin as plugin
 def job_documents(*, action: str = "train", status: str = "SUCCESS", metrics=None) -> Dict[str, bytes]:
     """The files of a finished job folder: status.json (three validation mIoU values), metrics.json, _FINISHED."""
     lines = [{"date": "2024-01-01", "time": "10:00:00", "status": "STARTED", "message": f"{action} started"}]
-    for epoch, miou in ((1, 1.5), (2, 2.5), (3, 4.0)):
-        lines.append({"date": "2024-01-01", "time": f"10:0{epoch}:00", "status": "RUNNING", "message": "validation",
-                      "epoch": epoch, "max_epoch": 3, "kpi": {"mIoU": miou}})
-    lines.append({"date": "2024-01-01", "time": "10:05:00", "status": status, "message": "done <b>"})
+    if action == "train":
+        for epoch, miou in ((1, 1.5), (2, 4.5), (3, 4.0)):
+            lines.append({"date": "2024-01-01", "time": f"10:0{epoch}:00", "status": "RUNNING",
+                          "message": "validation", "epoch": epoch, "max_epoch": 3, "kpi": {"mIoU": miou}})
+    # the final line's kpi has no epoch (as the engine writes it): a value, never a point of the plots
+    lines.append({"date": "2024-01-01", "time": "10:05:00", "status": status, "message": "done <b>",
+                  "kpi": {"mIoU": 4.0} if action == "train" else {"parity_max_abs_diff": 1e-5}})
     documents = {"status.json": "".join(json.dumps(line) + "\n" for line in lines).encode(), "_FINISHED": b"{}"}
     if metrics is not None:
         documents["metrics.json"] = json.dumps(metrics).encode()
@@ -43,6 +46,8 @@ def client(tmp_path, monkeypatch):
               metrics={"mIoU": 4.0, "PQ": 2.0, "per_class": {"sky": {"IoU": 9.0}}, "panoptic": {"SQ": 70.0}})
     write_job(tmp_path / "results", "mask2former_pipeline/manual__1/export", action="export", metrics={})
     (tmp_path / "results" / "mask2former_pipeline/manual__1/export/overlay.png").write_bytes(b"\x89PNG\r\n")
+    (tmp_path / "results" / "mask2former_pipeline/manual__1/train/per_class.csv").write_text("class,IoU\nsky,9\n")
+    (tmp_path / "results" / "mask2former_pipeline/manual__1/train/model.pth").write_bytes(b"weights")
     (tmp_path / "secret.txt").write_text("outside the results root")
     app = plugin.build_app()
     app.dependency_overrides[plugin.require_user] = lambda: object()
@@ -69,6 +74,26 @@ def test_job_list_shows_jobs_with_their_headline_metrics(client):
     train = next(j for j in listing["jobs"] if j["job_id"].endswith("/train"))
     assert train["action"] == "train" and train["status"] == "SUCCESS" and train["finished"]
     assert train["metrics"] == {"mIoU": 4.0, "PQ": 2.0, "per_class.sky.IoU": 9.0, "panoptic.SQ": 70.0}
+    assert train["best_mIoU"] == {"value": 4.5, "epoch": 2}  # the best epoch, not the last
+    assert "<td>4.5 (epoch 2)</td>" in page.text
+
+
+def test_job_pages_plot_per_epoch_show_single_values_as_values_and_link_every_listed_file(client):
+    import re
+
+    train = client.get("/jobs/mask2former_pipeline/manual__1/train").text
+    chart = re.search(r'<svg class="chart"[^>]*aria-label="mIoU".*?</svg>', train).group(0)
+    ticks = re.findall(r'class="tick">([^<]*)<', chart)
+    assert ticks[2:] == ["1", "3"]  # x axis: epochs 1 to 3, not status line numbers
+    assert chart.count("<circle") == 3
+    assert "Best mIoU: <b>4.5</b> at epoch 2" in train
+    export = client.get("/jobs/mask2former_pipeline/manual__1/export").text
+    assert "<svg" not in export and "parity_max_abs_diff</td><td>1e-05" in export  # one value: no chart
+    links = re.findall(r"<li><a href='([^']+)'>", train)
+    assert links and all(client.get(link[len("/mask2former"):]).status_code == 200 for link in links)
+    assert any(link.endswith("per_class.csv") for link in links)
+    assert "and 2 other files (models, checkpoints" in train and "model.pth" not in train  # and _FINISHED
+    assert client.get("/files/mask2former_pipeline/manual__1/train/per_class.csv").text == "class,IoU\nsky,9\n"
 
 
 def test_job_page_has_metrics_a_progress_plot_and_images(client):
