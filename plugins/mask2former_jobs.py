@@ -216,6 +216,7 @@ def read_job(store: JobRoot, entry: JobEntry) -> JobSummary:
     last = lines[-1] if lines else {}
     first_message = str(lines[0].get("message", "")) if lines else ""
     action = first_message.split(" ", 1)[0] if first_message.endswith("started") else None
+    action = action or (lines[0].get("action") if lines else None)  # a skipped task's one line names it
     return JobSummary(job_id=entry.job_id, location=f"{store.location.rstrip('/')}/{entry.job_id}", action=action,
                       status=last.get("status"), message=str(last.get("message", "")),
                       updated=f"{last.get('date', '')} {last.get('time', '')}".strip(),
@@ -319,7 +320,7 @@ def svg_chart(name: str, points: List[Tuple[float, float]], width: int = 360, he
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222} table{border-collapse:collapse;margin:.5rem 0}
 td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:left;font-size:.9rem} th{background:#f3f3f3}
-.SUCCESS{color:#2a7d2a}.FAILURE{color:#b00020}.RUNNING,.STARTED{color:#a06000}
+.SUCCESS{color:#2a7d2a}.FAILURE{color:#b00020}.SKIPPED{color:#666}.RUNNING,.STARTED{color:#a06000}
 .chart{border:1px solid #ddd;margin:.25rem}.chart .line{fill:none;stroke:#76b900;stroke-width:2}
 .chart circle{fill:#76b900}.chart .axis{stroke:#888}.chart .title{font-size:12px;font-weight:bold}
 .chart .tick{font-size:10px;fill:#555} img.result{max-width:480px;border:1px solid #ddd;margin:.25rem}
@@ -406,6 +407,29 @@ def render_job(job: JobSummary, files: List[StoredFile], base: str, root_params:
             f"<h2>Status</h2><table><tr><th>time</th><th>status</th><th>message</th><th>epoch</th><th>kpi</th></tr>"
             f"{status_rows}</table><h2>Files</h2><ul>{listed}</ul>")
     return _page(f"Mask2Former job {job.job_id}", body)
+
+
+#: What a job page says of a task that has no job folder, by the task instance's state.
+_MISSING_BECAUSE = {
+    "skipped": "The task was skipped before it started a job: an upstream task was skipped (no new data, a "
+               "champion kept, AutoML off) or its branch was not taken. The run's grid shows which.",
+    "upstream_failed": "The task never ran: an upstream task failed.",
+    "queued": "The task is queued; its job folder appears when it starts.",
+    "scheduled": "The task is scheduled; its job folder appears when it starts.",
+    "running": "The task is starting its job; reload in a moment.",
+    "removed": "The task was removed from the DAG.",
+}
+
+
+def render_missing(job: str, location: str, state: Optional[str], base: str, root_params: Mapping[str, str]) -> str:
+    """The page of a job that has no folder: why, from the task's state."""
+    why = _MISSING_BECAUSE.get(state or "", "The task has not started a job (it may not have run yet), or its run "
+                                             "published to another results root.")
+    state_text = f" Task state: <b>{html.escape(state)}</b>." if state else ""
+    body = (f"<p><a href='{_href(f'{base}/', root_params)}'>All jobs</a></p><h1>{html.escape(job)}</h1>"
+            f"<p class='missing'>No job folder under <code>{html.escape(location)}</code>.{state_text}</p>"
+            f"<p>{html.escape(why)}</p>")
+    return _page(f"Mask2Former job {job}", body)
 
 
 def job_json(job: JobSummary) -> Dict[str, Any]:

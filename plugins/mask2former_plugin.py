@@ -123,6 +123,28 @@ def root_params(requested: Optional[str]) -> Dict[str, str]:
     return {"root": requested} if requested else {}
 
 
+def task_state(job: str) -> Optional[str]:
+    """The state of the task instance a job id names (dag / run / task[.mapN]), from the metadata database."""
+    parts = job.split("/")
+    if len(parts) != jobs.JOB_DEPTH:
+        return None
+    dag_id, run_id, task = parts
+    task_id, _, mapped = task.partition(".map")
+    try:
+        from sqlalchemy import select
+
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            state = session.scalar(select(TaskInstance.state).where(
+                TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id, TaskInstance.task_id == task_id,
+                TaskInstance.map_index == (int(mapped) if mapped.isdigit() else -1)))
+        return str(getattr(state, "value", state)) if state is not None else None
+    except Exception:  # noqa: BLE001 - no metadata database: the page says what it can
+        return None
+
+
 async def require_user(request: Request) -> object:
     """An authenticated Airflow user, from the Bearer token or the UI's session cookie (401/403 otherwise)."""
     from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
@@ -160,8 +182,8 @@ def build_app() -> FastAPI:
         store = open_root(root)
         found = jobs.load_job(store, job)
         if found is None:
-            raise HTTPException(status_code=404, detail=f"No job {job!r} under {store.location} (it may not have "
-                                                        "started yet, or its results root is elsewhere).")
+            return HTMLResponse(jobs.render_missing(job, store.location, task_state(job), PLUGIN_URL_PREFIX,
+                                                    root_params(root)), status_code=404)
         summary, files = found
         return jobs.render_job(summary, files, PLUGIN_URL_PREFIX, root_params(root))
 

@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 from functools import cached_property
 from typing import Any, ClassVar, Dict, Optional, Sequence
 
 from airflow.sdk import BaseOperator, conf
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from mask2former import results
 from mask2former.config import SpecError
 from mask2former.crypto import KEY_ENV
-from mask2former.data.sources import DATASET_FORMATS, NO_DATA_ACTIONS, plan_data_sources, uri_scheme
+from mask2former.data.sources import DATASET_FORMATS, NO_DATA_ACTIONS, join_uri, plan_data_sources, uri_scheme
 
 from ..hooks.storage import Mask2FormerStorageHook
 from ..launchers import KubernetesPodLauncher, check_launcher
@@ -189,8 +190,12 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
 
     def execute(self, context: Any) -> Dict[str, Any]:
         overrides = self.job_spec()
-        self.check_can_run()
         paths = self.job_paths(context)
+        try:
+            self.check_can_run()
+        except AirflowSkipException as skip:
+            self.record_skip(paths, str(skip))
+            raise
         live = self.live_job(paths)
         if live is not None:
             self.log.info("%s job %s is still running (heartbeat %.0f s ago): following it instead of starting "
@@ -213,6 +218,19 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
             return self.finished(paths, code)
         handle = self.launcher.start(job, env, self.log.info)
         return self.follow(context, paths, handle if isinstance(self.launcher, KubernetesPodLauncher) else None)
+
+    def record_skip(self, paths: JobPaths, reason: str) -> None:
+        """A skipped task's job folder holds one SKIPPED status line with the reason, so that its job page (the
+        task's extra link) explains the skip. A folder an earlier attempt already wrote is left alone."""
+        status_uri = join_uri(paths.publish_uri, results.STATUS_FILE)
+        try:
+            if not self.hook.exists(status_uri):
+                now = dt.datetime.now(dt.timezone.utc)
+                line = {"date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H:%M:%S"), "status": "SKIPPED",
+                        "message": reason, "action": self.action}
+                self.hook.write_bytes(status_uri, (json.dumps(line) + "\n").encode())
+        except Exception as error:  # noqa: BLE001 - the skip stands even when its record cannot be written
+            self.log.warning("could not record the skip in %s: %s", paths.publish_uri, error)
 
     def job_env(self, publish_uri: str, overrides: Dict[str, Any], key: Optional[str]) -> Dict[str, str]:
         """What a local job process needs from this worker: the connection's S3 settings when it touches S3,

@@ -179,6 +179,28 @@ def test_pipeline_runs_every_stage_and_returns_small_xcoms(stack, pipeline_run):
     assert "needs a CUDA GPU" in skip_log
 
 
+def test_every_task_links_to_its_job_and_a_skipped_task_says_why(stack, pipeline_run):
+    run_id = pipeline_run["run_id"]
+    base = len(stack.base_url)
+    result = stack.links(PIPELINE, run_id, "train")["Mask2Former job"]  # the training stage's result task
+    assert f"/jobs/{job_id(PIPELINE, run_id, TRAIN_TASK)}?" in result
+    page = stack.api("GET", result[base:])
+    assert page.status_code == 200 and "Best mIoU" in page.text and "<svg" in page.text
+    for task in ("evaluate", "export", "quantize", "evaluate_quantized"):
+        url = stack.links(PIPELINE, run_id, task)["Mask2Former job"]
+        assert stack.api("GET", url[base:]).status_code == 200, task
+    skipped = stack.api("GET", stack.links(PIPELINE, run_id, "gen_trt_engine")["Mask2Former job"][base:])
+    assert skipped.status_code == 200 and "SKIPPED" in skipped.text and "needs a CUDA GPU" in skipped.text
+
+
+def test_task_log_shows_each_progress_line_once_and_one_line_per_validation(stack, pipeline_run):
+    log = stack.task_log(PIPELINE, pipeline_run["run_id"], TRAIN_TASK, try_number=2)  # the resumed try
+    for epoch in range(2, EPOCHS + 1):
+        assert log.count(f"Validation after epoch {epoch}:") == 1, log[-3000:]
+        assert log.count(f"Epoch {epoch}/{EPOCHS} done") == 1
+    assert "Average Precision" not in log and "status.json: [RUNNING]" not in log
+
+
 def test_killed_training_fails_its_try_and_the_retry_resumes(stack, pipeline_run):
     run_id = pipeline_run["run_id"]
     train = stack.task_instances(PIPELINE, run_id)[TRAIN_TASK]

@@ -304,7 +304,7 @@ def test_the_job_process_stages_writes_the_spec_runs_and_publishes(tmp_path, dat
     assert spec["dataset"]["train"]["img_dir"].startswith(str(tmp_path / "cache"))
     assert spec["dataset"]["label_map"] == str(dataset / "train" / "label_map_panoptic.json")  # used in place
     assert (folder / "command.txt").read_text().split()[:3] == ["-m", "mask2former", "train"]
-    assert 'status.json: [RUNNING] epoch 1 done, epoch 1/1, kpi {"mIoU": 2.5}' in logged
+    assert not [line for line in logged if line.startswith("status.json:")]  # the engine prints its own progress
     assert LOCAL.last_beat(job.publish_uri)["exit_code"] == 0
 
     monkeypatch.setenv("STAND_IN_EXIT", "9")  # an engine that dies without its final status line

@@ -108,6 +108,18 @@ def test_job_page_has_metrics_a_progress_plot_and_images(client):
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 
+def test_a_skipped_task_page_says_why_and_a_missing_job_page_is_a_page(client, tmp_path):
+    folder = tmp_path / "results" / "mask2former_pipeline/manual__1/gen_trt_engine"
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"date": "2024-01-01", "time": "10:00:00", "status": "SKIPPED",
+                                                    "message": "needs a CUDA GPU", "action": "gen_trt_engine"}) + "\n")
+    page = client.get("/jobs/mask2former_pipeline/manual__1/gen_trt_engine")
+    assert page.status_code == 200 and "SKIPPED" in page.text and "needs a CUDA GPU" in page.text
+    missing = client.get("/jobs/mask2former_pipeline/nope/train")
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/html")
+    assert "No job folder" in missing.text
+
+
 def test_unknown_jobs_and_paths_leaving_the_root_are_refused(client):
     assert client.get("/jobs/mask2former_pipeline/nope/train").status_code == 404
     assert client.get("/jobs/../secret.txt").status_code == 404

@@ -126,7 +126,7 @@ def test_job_page_shows_metrics_the_plot_and_the_images_of_an_s3_job(client, s3_
     assert "<td>panoptic.SQ</td><td>70</td>" in page.text and ", published" in page.text
     assert f"{s3_jobs.root}/pipe/run_b/train" in page.text
     assert "src='/mask2former/files/pipe/run_b/train/overlay.png'" in page.text
-    assert f"overlay.png ({len(IMAGE)} bytes)" in page.text and "spec.yaml" in page.text
+    assert f"overlay.png</a> ({len(IMAGE)} bytes)" in page.text and "spec.yaml" in page.text
     mapped = client.get("/jobs/pipe/run_c/trial.map0")
     assert mapped.status_code == 200 and "<td>mIoU</td><td>9.25</td>" in mapped.text
 
