@@ -35,13 +35,16 @@ BEST_METRIC = "mIoU"
 #: Depth of job folders under the root (dag / run / task).
 JOB_DEPTH = 3
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
-#: The only files served, by suffix, with their content type (YAML and logs as text, shown in the browser).
+#: The only files served: what the project writes into a job folder, by suffix (images, tables, specs, logs)...
 SERVED_TYPES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
-    ".json": "application/json", ".yaml": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8",
+    ".yaml": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8",
     ".log": "text/plain; charset=utf-8", ".csv": "text/csv; charset=utf-8",
 }
-SERVED_SUFFIXES = tuple(SERVED_TYPES)
+#: ... and, of JSON files, only the project's own reports by name (never any other JSON a bucket may hold).
+SERVED_JSON = frozenset({"status.json", "metrics.json", "best_model.json", "best_trial.json", "trials.json",
+                         "automl_plan.json", "engine_report.json", "export_report.json", "quantize_report.json",
+                         "instances.json", "panoptic.json"})
 #: Images shown in a job page's gallery.
 MAX_GALLERY_IMAGES = 24
 #: Parallel reads of the jobs of one list page (each job is one or two GETs on S3).
@@ -104,9 +107,14 @@ class JobRoot:
     and already checked by :func:`safe_parts`; a local file reached through a link leading out of the root is
     never read. Storage failures become :class:`ResultsRootError` naming the root."""
 
-    def __init__(self, location: str, hook: Any) -> None:
+    def __init__(self, location: str, hook: Any, dag_ids: Optional[frozenset] = None,
+                 run_order: Optional[Mapping[Tuple[str, str], float]] = None) -> None:
         self.location = location
         self.hook = hook
+        #: the DAG folders the user may read (None: every one)
+        self.dag_ids = dag_ids
+        #: (dag, run) -> when the run started (newest first in lists); runs not in it sort by name
+        self.run_order = dict(run_order or {})
 
     def _uri(self, path: str) -> str:
         return join_uri(self.location, path) if path else self.location
@@ -117,6 +125,11 @@ class JobRoot:
             for stored in self.hook.list_files(self._uri(folder), depth):
                 yield StoredFile(f"{folder}/{stored.path}" if folder else stored.path, stored.size, stored.modified)
 
+    def folders(self, folder: str = "") -> List[str]:
+        """Names of the folders directly under ``folder`` (S3: one delimiter listing)."""
+        with _root_errors(self.location):
+            return [name for name in self.hook.list_folders(self._uri(folder)) if safe_parts(name) == [name]]
+
     def exists(self, path: str) -> bool:
         with _root_errors(self.location):
             return self.hook.exists(self._uri(path), inside=self.location)
@@ -126,9 +139,10 @@ class JobRoot:
             return self.hook.open(self._uri(path), inside=self.location)
 
 
-def open_root(root: str, s3_storage: Callable[[], Any]) -> JobRoot:
-    """The job folders of a results root (path, ``file://`` or ``s3://``); ``s3_storage`` gives the storage hook
-    of S3 roots (a local root needs no connection)."""
+def open_root(root: str, s3_storage: Callable[[], Any], *, dag_ids: Optional[frozenset] = None,
+              run_order: Optional[Mapping[Tuple[str, str], float]] = None) -> JobRoot:
+    """The job folders of a results root (path, ``file://`` or ``s3://``) that the user may read (``dag_ids``;
+    None: all); ``s3_storage`` gives the storage hook of S3 roots (a local root needs no connection)."""
     try:
         if uri_scheme(root) == "s3":
             bucket = parse_s3_uri(root).bucket
@@ -139,7 +153,8 @@ def open_root(root: str, s3_storage: Callable[[], Any]) -> JobRoot:
     except ValueError as exc:
         raise ResultsRootError(400, f"Not a results root: {exc}.") from None
     with _root_errors(root):
-        return JobRoot(root, s3_storage() if uri_scheme(root) == "s3" else Mask2FormerStorageHook(aws_conn_id=None))
+        hook = s3_storage() if uri_scheme(root) == "s3" else Mask2FormerStorageHook(aws_conn_id=None)
+        return JobRoot(root, hook, dag_ids=dag_ids, run_order=run_order)
 
 
 # ------------------------------------------------------------------------------------ jobs
@@ -194,18 +209,30 @@ def headline(metrics: Dict[str, Any], name: str) -> Optional[float]:
     return hits[0] if hits else None
 
 
-def job_entries(store: JobRoot) -> List[JobEntry]:
-    """Every job of the store (a status.json at dag/run/task depth), newest status.json first.
+def allowed_job(store: JobRoot, job: str) -> bool:
+    return store.dag_ids is None or job.split("/", 1)[0] in store.dag_ids
 
-    One listing and no reads: on S3 a few ``list_objects_v2`` pages, however many jobs there are.
+
+def job_ids(store: JobRoot) -> List[str]:
+    """The job folders (dag / run / task) of the DAGs the user may read, newest run first.
+
+    Found level by level with delimiter listings (the root's DAG folders, then each readable DAG's runs, then
+    each run's tasks): never a page of the checkpoints, TensorBoard events or images inside the jobs.
     """
-    tops: Dict[str, Dict[str, StoredFile]] = {}
-    for stored in store.list_files("", depth=JOB_DEPTH + 1):
-        job, name = stored.path.rsplit("/", 1)
-        tops.setdefault(job, {})[name] = stored
-    entries = [JobEntry(job, files[results.STATUS_FILE].modified, frozenset(files))
-               for job, files in tops.items() if results.STATUS_FILE in files]
-    return sorted(entries, key=lambda entry: (entry.modified, entry.job_id), reverse=True)
+    runs = []
+    for dag in store.folders(""):
+        if store.dag_ids is None or dag in store.dag_ids:
+            runs.extend((dag, run) for run in store.folders(dag))
+    runs.sort(key=lambda key: (store.run_order.get(key, 0.0), key[1], key[0]), reverse=True)
+    return [f"{dag}/{run}/{task}" for dag, run in runs for task in sorted(store.folders(f"{dag}/{run}"), reverse=True)]
+
+
+def job_entry(store: JobRoot, job: str) -> Optional[JobEntry]:
+    """A job's top-level files (one delimiter listing), or None when the folder holds no status.json."""
+    tops = {stored.path.rsplit("/", 1)[-1]: stored for stored in store.list_files(job, depth=1)}
+    if results.STATUS_FILE not in tops:
+        return None
+    return JobEntry(job, tops[results.STATUS_FILE].modified, frozenset(tops))
 
 
 def read_job(store: JobRoot, entry: JobEntry) -> JobSummary:
@@ -225,16 +252,21 @@ def read_job(store: JobRoot, entry: JobEntry) -> JobSummary:
 
 def list_jobs(store: JobRoot, limit: int, offset: int = 0) -> JobPage:
     """The jobs ``offset`` to ``offset + limit`` of the newest-first list; only those are read."""
-    entries = job_entries(store)
-    shown = entries[offset:offset + limit]
+    found = job_ids(store)
+    shown = found[offset:offset + limit]
+
+    def summary(job: str) -> Optional[JobSummary]:
+        entry = job_entry(store, job)
+        return read_job(store, entry) if entry else None
+
     with ThreadPoolExecutor(max_workers=READ_WORKERS) as pool:
-        summaries = list(pool.map(partial(read_job, store), shown))
-    return JobPage(jobs=summaries, total=len(entries), offset=offset, limit=limit)
+        summaries = [s for s in pool.map(summary, shown) if s is not None]
+    return JobPage(jobs=summaries, total=len(found), offset=offset, limit=limit)
 
 
 def load_job(store: JobRoot, job: str) -> Optional[Tuple[JobSummary, List[StoredFile]]]:
     """A job and every file of its folder, or None (not a job id, or no status.json there)."""
-    if not is_job_id(job):
+    if not is_job_id(job) or not allowed_job(store, job):
         return None
     files = sorted(store.list_files(job), key=lambda stored: stored.path)
     tops = {f.path[len(job) + 1:]: f for f in files if f.path.count("/") == JOB_DEPTH}
@@ -244,9 +276,16 @@ def load_job(store: JobRoot, job: str) -> Optional[Tuple[JobSummary, List[Stored
     return read_job(store, entry), files
 
 
+def media_type_of(path: str) -> Optional[str]:
+    """The content type the pages serve a job file with, or None when it is not one of the project's files."""
+    name = PurePosixPath(path).name
+    if name in SERVED_JSON:
+        return "application/json"
+    return SERVED_TYPES.get(PurePosixPath(name).suffix.lower())
+
+
 def is_served_name(path: str) -> bool:
-    """Whether the pages serve a file of this name (by suffix)."""
-    return PurePosixPath(path).suffix.lower() in SERVED_TYPES
+    return media_type_of(path) is not None
 
 
 def open_served_file(store: JobRoot, path: str) -> Optional[Tuple[OpenedFile, str]]:
@@ -258,8 +297,8 @@ def open_served_file(store: JobRoot, path: str) -> Optional[Tuple[OpenedFile, st
     parts = safe_parts(path)
     if parts is None or len(parts) <= JOB_DEPTH:
         return None
-    media_type = SERVED_TYPES.get(PurePosixPath(path).suffix.lower())
-    if media_type is None or not store.exists("/".join(parts[:JOB_DEPTH] + [results.STATUS_FILE])):
+    media_type = media_type_of(path)
+    if media_type is None or not allowed_job(store, "/".join(parts[:JOB_DEPTH])) or not store.exists("/".join(parts[:JOB_DEPTH] + [results.STATUS_FILE])):
         return None
     opened = store.open(path)
     return None if opened is None else (opened, media_type)

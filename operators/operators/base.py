@@ -44,7 +44,7 @@ from ..pod_job import EXIT_USAGE
 from ..triggers.job import Mask2FormerJobTrigger
 from ..utils.encryption import EncryptionKeyArguments
 from ..utils.gpu import gpu_routing
-from ..utils.jobs import JobPaths, default_results_root, job_id
+from ..utils.jobs import JobPaths, default_results_root, job_id, record_job_location
 from ..utils.outcome import published_outcome
 from ..utils.overrides import coerce_overrides, is_templated, job_overrides, validate_literal_overrides
 from ..utils.parents import ParentError, resolve_parent
@@ -191,6 +191,7 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
     def execute(self, context: Any) -> Dict[str, Any]:
         overrides = self.job_spec()
         paths = self.job_paths(context)
+        record_job_location(context, paths, aws_conn_id=self.aws_conn_id)
         try:
             self.check_can_run()
         except AirflowSkipException as skip:

@@ -51,6 +51,8 @@ def client(tmp_path, monkeypatch):
     (tmp_path / "secret.txt").write_text("outside the results root")
     app = plugin.build_app()
     app.dependency_overrides[plugin.require_user] = lambda: object()
+    app.dependency_overrides[plugin.current_access] = lambda: plugin.Access(dag_ids=None, recorded_roots={},
+                                                                             run_order={})
     return TestClient(app)
 
 
@@ -146,22 +148,26 @@ def test_chart_scales_points_into_the_frame():
     assert ys[0] < ys[1]  # the larger value is drawn higher
 
 
-def test_list_is_newest_first_by_status_time_and_limit_pages_it(client, tmp_path):
-    root = tmp_path / "results" / "mask2former_pipeline" / "manual__1"
-    os.utime(root / "train" / "status.json", (1_000, 1_000))
-    os.utime(root / "export" / "status.json", (2_000, 2_000))
-    order = [j["job_id"].rsplit("/", 1)[1] for j in client.get("/api/jobs").json()["jobs"]]
-    assert order == ["export", "train"]
-    os.utime(root / "train" / "status.json", (3_000, 3_000))
-    order = [j["job_id"].rsplit("/", 1)[1] for j in client.get("/api/jobs").json()["jobs"]]
-    assert order == ["train", "export"]
-    first = client.get("/api/jobs", params={"limit": 1}).json()
-    assert [j["job_id"] for j in first["jobs"]] == ["mask2former_pipeline/manual__1/train"]
-    assert first["total_entries"] == 2
-    second = client.get("/api/jobs", params={"limit": 1, "offset": 1}).json()
-    assert [j["job_id"] for j in second["jobs"]] == ["mask2former_pipeline/manual__1/export"]
-    page = client.get("/", params={"limit": 1}).text
-    assert "manual__1/train" in page and "manual__1/export" not in page and "offset=1&amp;limit=1" in page
+def test_list_is_newest_run_first_and_limit_pages_it(client, tmp_path):
+    """Runs newest first by when they were due (the metadata database), a run's tasks by name."""
+    write_job(tmp_path / "results", "mask2former_pipeline/manual__2/train", metrics={"mIoU": 1.0})
+
+    def order(run_order, **params):
+        client.app.dependency_overrides[plugin.current_access] = lambda: plugin.Access(
+            dag_ids=None, recorded_roots={}, run_order=run_order)
+        return client.get("/api/jobs", params=params).json()
+
+    first, second = ("mask2former_pipeline", "manual__1"), ("mask2former_pipeline", "manual__2")
+    listed = order({first: 2.0, second: 1.0})
+    assert [j["job_id"] for j in listed["jobs"]] == ["mask2former_pipeline/manual__1/train",
+                                                     "mask2former_pipeline/manual__1/export",
+                                                     "mask2former_pipeline/manual__2/train"]
+    assert [j["job_id"] for j in order({first: 1.0, second: 2.0})["jobs"]][0] == "mask2former_pipeline/manual__2/train"
+    page = order({first: 1.0, second: 2.0}, limit=1, offset=1)
+    assert [j["job_id"] for j in page["jobs"]] == ["mask2former_pipeline/manual__1/train"]
+    assert page["total_entries"] == 3
+    text = client.get("/", params={"limit": 1}).text
+    assert "manual__2/train" in text and "manual__1/export" not in text and "offset=1&amp;limit=1" in text
     assert client.get("/api/jobs", params={"limit": 0}).status_code == 422
 
 
