@@ -12,7 +12,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG
 
-from mask2former_automl import AUTOML_PARAM_ARGS, DEFAULT_POOL, automl_params, automl_training
+from mask2former_automl import AUTOML_PARAM_ARGS, DEFAULT_POOL, MODEL_ASSET, automl_params, automl_training
 from mask2former_params import MACROS, pipeline_params
 from operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator, Mask2FormerGenTrtEngineOperator,
                        Mask2FormerQuantizeOperator)
@@ -43,7 +43,7 @@ with DAG(
     # search whose trials run as mapped tasks in the mask2former_gpu pool; the `train` task returns the chosen
     # model (or the direct training's) in the train XCom shape, so the tasks below take it unchanged.
     train = automl_training(group_id="training", result_task_id="train", worker_slots=2, pool=DEFAULT_POOL,
-                            automl=AUTOML_PARAM_ARGS, **COMMON)
+                            automl=AUTOML_PARAM_ARGS, outlets=[MODEL_ASSET], **COMMON)
     evaluate = Mask2FormerEvaluateOperator(task_id="evaluate", parent=train.output, **COMMON)
     export = Mask2FormerExportOperator(task_id="export", parent=train.output, **COMMON)
     gen_trt_engine = Mask2FormerGenTrtEngineOperator(task_id="gen_trt_engine", parent=export.output, **COMMON)

@@ -24,6 +24,7 @@ import os
 import pendulum
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule, get_current_context, task
 
+from mask2former_automl import MODEL_ASSET
 from mask2former_params import MACROS, retrain_params
 from operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator, Mask2FormerGenTrtEngineOperator,
                        Mask2FormerTrainOperator)
@@ -132,10 +133,12 @@ with DAG(
     def should_promote(decision) -> bool:
         return decision["decision"] == "promote"
 
-    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[MODEL_ASSET])
     def write_champion(partition, trained, evaluation, decision, exported) -> str:
-        """Record the promoted model as the champion (after its export and engine)."""
+        """Record the promoted model as the champion (after its export and engine); the ``mask2former_model``
+        Asset event carries the promoted model (engine, else ONNX), its metrics and this run."""
         from mask2former_champion import champion_record, write_champion as write
+        from operators.utils.outcome import model_event_extra
 
         context = get_current_context()
         record = champion_record(dag_id=context["dag"].dag_id, run_id=context["run_id"], partition=partition,
@@ -144,6 +147,14 @@ with DAG(
                                  engine=context["ti"].xcom_pull(task_ids="gen_trt_engine"))
         uri = write(_results_root(context["params"]), record, _storage())
         print(f"new champion written to {uri}: mIoU {record['value']}")
+        engine = record["engine"] or {}
+        model = {**trained, "artifacts": {**trained.get("artifacts", {}), **(exported or {}).get("artifacts", {}),
+                                          **engine.get("artifacts", {})},
+                 "metrics": {**(evaluation.get("metrics") or {})}}
+        context["outlet_events"][MODEL_ASSET].extra = {
+            **model_event_extra(model, dag_id=context["dag"].dag_id, run_id=context["run_id"],
+                                task_id="write_champion", reason=decision["reason"]),
+            "champion": uri, "data_partition": partition}
         return uri
 
     partition = select_partition()

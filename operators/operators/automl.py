@@ -35,7 +35,7 @@ from ..hooks.storage import Mask2FormerStorageHook
 from ..links.job import Mask2FormerJobLink
 from ..utils.encryption import EncryptionKeyArguments
 from ..utils.jobs import cache_root, process_env, work_root
-from ..utils.outcome import published_outcome
+from ..utils.outcome import model_event_extra, published_outcome
 from .actions import Mask2FormerTrainOperator
 
 ALGORITHMS = ("bayesian", "hyperband", "random")
@@ -346,6 +346,10 @@ class Mask2FormerAutoMLResultOperator(BaseOperator):
                                        f"{decision['reason']}).")
         outcome = {**outcome, "automl": decision_summary(decision, outcome.get("automl"))}
         self.link_to(outcome)
+        for asset in self.outlets:  # e.g. Asset("mask2former_model"): the event carries the model and its run
+            context["outlet_events"][asset].extra = model_event_extra(
+                outcome, dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                reason="trained (AutoML search)" if decision["use_automl"] else "trained")
         self.log.info("training result from %s: %s; AutoML: %s", source, outcome["results_dir"],
                       outcome["automl"]["reason"])
         return outcome

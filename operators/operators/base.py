@@ -137,6 +137,7 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         self.job_timeout = job_timeout.total_seconds() if isinstance(job_timeout, dt.timedelta) else job_timeout
         self._check_literals()
         self._following: Optional[Dict[str, Any]] = None
+        self._outcome: Optional[Dict[str, Any]] = None
 
     def _check_literals(self) -> None:
         """Parse-time checks of literal (non-templated) arguments: a mistake is a DAG import error."""
@@ -296,6 +297,7 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
                         f"{paths.publish_uri} keeps what it wrote")
         self.log.info("%s %s: metrics %s; artifacts %s", self.action, outcome["status"], outcome["metrics"],
                       outcome["artifacts"])
+        self._outcome = outcome
         return outcome
 
     def check_can_run(self) -> None:
@@ -318,6 +320,19 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         if self.action != "train":
             planned = {k: v for k, v in planned.items() if k not in _TRAIN_SPLIT_KEYS}
         return planned
+
+    # ------------------------------------------------------------------------------- lineage
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:  # noqa: ARG002 - provider's signature
+        """OpenLineage (apache-airflow-providers-openlineage): the dataset roots and the parent model in, the
+        models this job wrote out (read by the provider when installed; see operators/utils/lineage.py)."""
+        from ..utils.lineage import operator_lineage
+
+        parent = self.parent if isinstance(self.parent, dict) else {}
+        parent_models = [(parent.get("artifacts") or {}).get(kind) for kind in ("best_checkpoint", "checkpoint",
+                                                                                "onnx", "engine", "quantized")]
+        return operator_lineage(inputs=[self.train_datasets, self.eval_dataset, *parent_models],
+                                outcome=self._outcome)
 
     def on_kill(self) -> None:
         """The task is killed: stop its job (the child by SIGTERM, a detached job or pod through its folder).

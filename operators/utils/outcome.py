@@ -93,3 +93,27 @@ def published_outcome(hook: Any, *, action: str, job_id: str, publish_uri: str) 
     with tempfile.TemporaryDirectory(prefix="m2f-outcome-") as tmp:
         return job_outcome(action=action, job_id=job_id, folder=hook.index(publish_uri, Path(tmp)),
                            publish_uri=publish_uri)
+
+
+#: The Asset a new model updates (the pipeline's training stage, the retrain's promotion): a downstream
+#: deployment DAG scheduled on it gets the model's URI, metrics and run in the event's extra.
+MODEL_ASSET_NAME = "mask2former_model"
+#: Model artifacts, the most deployable first: the one a downstream DAG should take is ``model_uri``.
+_MODEL_KINDS = ("engine", "onnx", "best_checkpoint", "checkpoint", "quantized")
+
+
+def model_event_extra(outcome: Mapping[str, Any], *, dag_id: str, run_id: str, task_id: str,
+                      reason: str) -> Dict[str, Any]:
+    """The extra of a ``mask2former_model`` Asset event: the model's URI (and every model artifact), its
+    metrics, the job folder, and the run that made it."""
+    artifacts = outcome.get("artifacts") or {}
+    models = {kind: artifacts[kind] for kind in _MODEL_KINDS if artifacts.get(kind)}
+    return {
+        "model_uri": next(iter(models.values()), None),
+        "models": models,
+        "metrics": dict(outcome.get("metrics") or {}),
+        "results_dir": outcome.get("results_dir"),
+        "job_id": outcome.get("job_id"),
+        "dag_id": dag_id, "run_id": run_id, "task_id": task_id,
+        "reason": reason,
+    }

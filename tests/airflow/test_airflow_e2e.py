@@ -193,6 +193,22 @@ def test_every_task_links_to_its_job_and_a_skipped_task_says_why(stack, pipeline
     assert skipped.status_code == 200 and "SKIPPED" in skipped.text and "needs a CUDA GPU" in skipped.text
 
 
+def model_events(stack, dag_id, run_id):
+    reply = stack.api("GET", "/api/v2/assets/events", params={"source_dag_id": dag_id, "source_run_id": run_id})
+    reply.raise_for_status()
+    return [e for e in reply.json()["asset_events"] if e["name"] == "mask2former_model"]
+
+
+def test_the_trained_model_is_an_asset_event_with_its_uri_metrics_and_run(stack, pipeline_run):
+    run_id = pipeline_run["run_id"]
+    (event,) = model_events(stack, PIPELINE, run_id)
+    train = stack.xcom(PIPELINE, run_id, "train")
+    extra = event["extra"]
+    assert event["source_task_id"] == "train" and extra["run_id"] == run_id and extra["dag_id"] == PIPELINE
+    assert extra["model_uri"] == train["artifacts"]["best_checkpoint"]
+    assert extra["metrics"]["epochs"] == EPOCHS and extra["results_dir"] == train["results_dir"]
+
+
 def test_task_log_shows_each_progress_line_once_and_one_line_per_validation(stack, pipeline_run):
     log = stack.task_log(PIPELINE, pipeline_run["run_id"], TRAIN_TASK, try_number=2)  # the resumed try
     for epoch in range(2, EPOCHS + 1):
@@ -360,6 +376,9 @@ def test_backfill_retrains_each_partition_into_its_own_folder(stack):
     champion = json.loads((stack.home / "results" / "champion.json").read_text())
     winner = runs[1] if decisions[1]["decision"] == "promote" else runs[0]
     assert champion["run_id"] == winner["dag_run_id"] and champion["metric"] == "mIoU"
+    (promoted,) = model_events(stack, RETRAIN, winner["dag_run_id"])  # the promotion is an Asset event
+    assert promoted["extra"]["champion"].endswith("champion.json") and promoted["extra"]["model_uri"]
+    assert promoted["extra"]["data_partition"].endswith("/retrain/" + winner["logical_date"][:10])
     second_states = stack.task_states(RETRAIN, runs[1]["dag_run_id"])
     assert second_states["evaluate_champion"] == "skipped"  # same evaluation set: the recorded mIoU is used
     if decisions[1]["decision"] == "keep":

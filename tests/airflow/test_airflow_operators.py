@@ -422,6 +422,13 @@ def test_a_retried_task_follows_its_still_running_job_instead_of_starting_anothe
     threading.Thread(target=the_job_ends).start()
     outcome = op.execute(context)
     assert outcome["status"] == "SUCCESS" and outcome["results_dir"] == paths.publish_uri
+    # OpenLineage (the provider calls this once the task completed): dataset roots in, models out
+    lineage = op.get_openlineage_facets_on_complete(None)
+    assert {(d.namespace, d.name) for d in lineage.inputs} == {("file", str(dataset / "train")),
+                                                               ("file", str(dataset / "val"))}
+    outputs = {(d.namespace, d.name) for d in lineage.outputs}
+    assert ("file", paths.publish_uri) in outputs
+    assert ("file", outcome["artifacts"]["checkpoint"]) in outputs
 
 
 def test_without_waiting_the_task_returns_once_its_detached_job_is_launched(tmp_path, dataset):
