@@ -460,3 +460,81 @@ def test_extra_link_opens_the_plugin_job_page(stack):
     plugins = {p["name"]: p for p in stack.api("GET", "/api/v2/plugins").json()["plugins"]}
     assert plugins["mask2former"]["fastapi_apps"][0]["url_prefix"] == "/mask2former"
     assert plugins["mask2former"]["external_views"][0]["href"] == "/mask2former/"
+
+
+def test_the_users_journey_in_a_real_browser(stack, pipeline_run, data, tmp_path_factory):
+    """Log in; trigger mask2former_pipeline from its form and see a misspelt override refused there; trigger it
+    and follow the run; open a task's extra link to its job page (metrics, plots, images); trigger
+    mask2former_retrain from its form. Screenshots: the test's output folder (printed)."""
+    from browser_journey import Journey, chromium_path
+    from airflow_stack import ADMIN_PASSWORD
+
+    if not chromium_path():
+        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    shots = tmp_path_factory.mktemp("browser-journey")
+    print(f"screenshots: {shots}")
+    before = {r["dag_run_id"] for r in stack.runs(PIPELINE)}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=["--no-sandbox"])
+        try:
+            journey = Journey(browser.new_page(viewport={"width": 1400, "height": 1000}), stack.base_url, shots)
+            journey.log_in("admin", ADMIN_PASSWORD)
+            journey.shot("home")
+
+            dialog = journey.open_trigger_form(PIPELINE)
+            fields = {"train_datasets": str(data / "synthetic" / "train"),
+                      "eval_dataset": str(data / "synthetic" / "val")}
+            typo = json.dumps({**tiny_overrides(), "model.mask_former.num_object_querys": 5})
+            journey.fill_form(dialog, fields, typo)
+            journey.shot("pipeline_form_typo")
+            journey.submit(dialog)
+            journey.wait_text(r"model\.mask_former\.num_object_querys' was unexpected")
+            journey.shot("pipeline_form_refused")
+            assert {r["dag_run_id"] for r in stack.runs(PIPELINE)} == before  # refused: no run
+
+            journey.page.keyboard.press("Escape")
+            dialog = journey.open_trigger_form(PIPELINE)
+            journey.fill_form(dialog, fields, json.dumps(tiny_overrides(**{"model.sem_seg_head.num_classes": 13,
+                                                                            "train.num_epochs": 1})))
+            journey.submit(dialog)
+            journey.until(lambda: {r["dag_run_id"] for r in stack.runs(PIPELINE)} - before, timeout=60)
+            (run_id,) = {r["dag_run_id"] for r in stack.runs(PIPELINE)} - before
+            for task in ("training.policy",):  # the journey follows the run, not a second training
+                stack.set_task_state(PIPELINE, run_id, task, "skipped", downstream=True)
+            assert stack.wait_run(PIPELINE, run_id, timeout=300) == "success"
+            journey.page.goto(f"{stack.base_url}/dags/{PIPELINE}/runs/{run_id}", wait_until="networkidle")
+            journey.wait_text("success|Success")
+            journey.shot("pipeline_run_followed")
+
+            done = pipeline_run["run_id"]
+            journey.page.goto(f"{stack.base_url}/dags/{PIPELINE}/runs/{done}/tasks/evaluate", wait_until="networkidle")
+            link = journey.page.get_by_role("link", name="Mask2Former job").first
+            link.wait_for(timeout=60_000)
+            journey.shot("task_with_extra_link")
+            journey.page.goto(link.get_attribute("href"), wait_until="networkidle")
+            text = journey.wait_text("Metrics")
+            assert "mIoU" in text and "All jobs" in text
+            assert journey.page.locator("img.result").count() >= 1  # the evaluation's charts and images
+            journey.shot("job_page")
+            train = stack.links(PIPELINE, done, "train")["Mask2Former job"]
+            journey.page.goto(train, wait_until="networkidle")
+            assert journey.page.locator("svg.chart").count() >= 1 and "Best mIoU" in journey.wait_text("Plots")
+            journey.shot("train_job_page_plots")
+
+            stack.unpause(RETRAIN)
+            retrains = {r["dag_run_id"] for r in stack.runs(RETRAIN)}
+            dialog = journey.open_trigger_form(RETRAIN)
+            journey.shot("retrain_form")
+            dialog.get_by_role("button", name="Trigger", exact=True).last.click()
+            journey.until(lambda: {r["dag_run_id"] for r in stack.runs(RETRAIN)} - retrains, timeout=60)
+            (retrain_id,) = {r["dag_run_id"] for r in stack.runs(RETRAIN)} - retrains
+            stack.set_task_state(RETRAIN, retrain_id, "train", "skipped", downstream=True)
+            assert stack.wait_run(RETRAIN, retrain_id, timeout=300) == "success"
+            choice = stack.xcom(RETRAIN, retrain_id, "select_partition", key="partition_choice")
+            assert choice["run_type"] == "manual" and "newest" in choice["reason"]  # the form's "now" is no partition
+            journey.page.goto(f"{stack.base_url}/dags/{RETRAIN}/runs/{retrain_id}", wait_until="networkidle")
+            journey.shot("retrain_run")
+        finally:
+            browser.close()
