@@ -44,7 +44,7 @@ SERVED_TYPES = {
 #: ... and, of JSON files, only the project's own reports by name (never any other JSON a bucket may hold).
 SERVED_JSON = frozenset({"status.json", "metrics.json", "best_model.json", "best_trial.json", "trials.json",
                          "automl_plan.json", "engine_report.json", "export_report.json", "quantize_report.json",
-                         "instances.json", "panoptic.json"})
+                         "instances.json", "panoptic.json", "mlflow_run.json"})
 #: Images shown in a job page's gallery.
 MAX_GALLERY_IMAGES = 24
 #: Parallel reads of the jobs of one list page (each job is one or two GETs on S3).
@@ -180,6 +180,8 @@ class JobSummary:
     finished: bool
     metrics: Dict[str, Any] = field(default_factory=dict)
     status_lines: List[Dict[str, Any]] = field(default_factory=list)
+    mlflow: Optional[Dict[str, Any]] = None  #: the job's MLflow run (mlflow_run.json), when tracked
+    tensorboard: Optional[str] = None  #: the folder of its TensorBoard event files, when it has some
 
 
 @dataclass
@@ -273,7 +275,15 @@ def load_job(store: JobRoot, job: str) -> Optional[Tuple[JobSummary, List[Stored
     if results.STATUS_FILE not in tops:
         return None
     entry = JobEntry(job, tops[results.STATUS_FILE].modified, frozenset(tops))
-    return read_job(store, entry), files
+    summary = read_job(store, entry)
+    if "mlflow_run.json" in tops:
+        try:
+            summary.mlflow = json.loads(_read(store, f"{job}/mlflow_run.json"))
+        except json.JSONDecodeError:
+            summary.mlflow = None
+    if any("/tensorboard/" in f.path for f in files):
+        summary.tensorboard = f"{summary.location}/logs/tensorboard"
+    return summary, files
 
 
 def media_type_of(path: str) -> Optional[str]:
@@ -416,6 +426,14 @@ def render_job(job: JobSummary, files: List[StoredFile], base: str, root_params:
             single.update({name: value for name, value in line["kpi"].items() if _number(value)})
     metric_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
                           for k, v in sorted({**single, **job.metrics}.items()))
+    tracking = ""
+    run = job.mlflow or {}
+    if run.get("run_id") and str(run.get("tracking_uri", "")).startswith(("http://", "https://")):
+        url = f"{run['tracking_uri'].rstrip('/')}/#/experiments/{run.get('experiment_id', '0')}/runs/{run['run_id']}"
+        tracking += f"<p>MLflow run: <a class='mlflow' href='{html.escape(url, quote=True)}'>{html.escape(run['run_id'])}</a></p>"
+    if job.tensorboard:
+        tracking += (f"<p>TensorBoard logs: <code>{html.escape(job.tensorboard)}</code> "
+                     f"(<code>tensorboard --logdir {html.escape(job.tensorboard)}</code>)</p>")
     best = best_of(job.status_lines)
     best_line = (f"<p class='best'>Best {BEST_METRIC}: <b>{_fmt(best['value'])}</b> at epoch {best['epoch']}</p>"
                  if best else "")
@@ -439,7 +457,7 @@ def render_job(job: JobSummary, files: List[StoredFile], base: str, root_params:
     body = (f"<p><a href='{_href(f'{base}/', root_params)}'>All jobs</a></p><h1>{html.escape(job.job_id)}</h1>"
             f"<p>Action <b>{_fmt(job.action or '?')}</b>, status <b class='{_fmt(job.status)}'>"
             f"{_fmt(job.status or '?')}</b>{', published' if job.finished else ''}. "
-            f"Folder <code>{html.escape(job.location)}</code></p>"
+            f"Folder <code>{html.escape(job.location)}</code></p>{tracking}"
             f"<h2>Metrics</h2>{best_line}"
             f"{f'<table>{metric_rows}</table>' if metric_rows else '<p>No metrics.json yet.</p>'}"
             f"<h2>Plots</h2>{charts or '<p>No per-epoch values to plot.</p>'}{gallery}"

@@ -55,6 +55,20 @@ _TRAIN_SPLIT_KEYS = ("dataset.train.img_dir", "dataset.train.instance_json", "da
                      "dataset.train.panoptic_dir")
 
 
+def mlflow_tracking_uri(conn_id: str) -> str:
+    """The tracking URI an Airflow connection names (extra ``tracking_uri``, else schema://host:port)."""
+    from airflow.sdk import BaseHook
+
+    conn = BaseHook.get_connection(conn_id)
+    uri = conn.extra_dejson.get("tracking_uri")
+    if uri:
+        return str(uri)
+    host = conn.host or "localhost"
+    if "://" in host:
+        return host + (f":{conn.port}" if conn.port else "")
+    return f"{conn.schema or 'http'}://{host}" + (f":{conn.port}" if conn.port else "")
+
+
 def stale_after(check_interval: float) -> float:
     """Seconds without a heartbeat after which a job counts as dead."""
     return max(6 * check_interval, 60.0)
@@ -91,6 +105,9 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         ``[operators] default_deferrable``, False).
     :param wait_for_completion: False returns as soon as the job is launched (it runs detached).
     :param check_interval: seconds between looks at a detached job (and between its heartbeats).
+    :param mlflow_conn_id: Airflow connection of an MLflow tracking server (its extra ``tracking_uri``, else
+        ``schema://host:port``, schema default http): the training job logs its params, per-epoch metrics and
+        model checkpoint there, and the run id comes back in the XCom (``mlflow``).
     :param job_timeout: the longest a detached job may run (seconds or a timedelta); then it is stopped and
         the task fails.
     """
@@ -114,7 +131,7 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
                  encryption_key_variable: Optional[str] = None, launcher: Any = None,
                  deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
                  wait_for_completion: bool = True, check_interval: float = 10.0,
-                 job_timeout: Optional[Any] = None, **kwargs: Any) -> None:
+                 job_timeout: Optional[Any] = None, mlflow_conn_id: Optional[str] = None, **kwargs: Any) -> None:
         if self.wants_gpu:
             for name, value in gpu_routing().task_arguments().items():
                 kwargs.setdefault(name, value)
@@ -135,6 +152,7 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         self.wait_for_completion = wait_for_completion
         self.check_interval = check_interval
         self.job_timeout = job_timeout.total_seconds() if isinstance(job_timeout, dt.timedelta) else job_timeout
+        self.mlflow_conn_id = mlflow_conn_id
         self._check_literals()
         self._following: Optional[Dict[str, Any]] = None
         self._outcome: Optional[Dict[str, Any]] = None
@@ -242,6 +260,8 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         touches_s3 = uri_scheme(publish_uri) == "s3" or any(
             isinstance(v, str) and v.startswith("s3://") for v in overrides.values())
         env = self.hook.job_environment() if touches_s3 else {}
+        if self.mlflow_conn_id:
+            env["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri(self.mlflow_conn_id)
         return {**env, KEY_ENV: key} if key else env
 
     def live_job(self, paths: JobPaths) -> Optional[Dict[str, Any]]:

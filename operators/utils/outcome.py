@@ -7,6 +7,7 @@ artifact are URIs of the published folder; ``metrics`` keeps the scalar values o
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -75,10 +76,18 @@ def collect_artifacts(folder: Path, publish_uri: str) -> Dict[str, str]:
     return {kind: join_uri(publish_uri, name) for kind, name in found.items()}
 
 
+#: The MLflow run of a training job (mask2former/training/tracking.py writes it; the name is kept here so that
+#: this module stays free of the engine's training stack).
+MLFLOW_RUN_FILE = "mlflow_run.json"
+
+
 def job_outcome(*, action: str, job_id: str, folder: Path, publish_uri: str) -> Dict[str, Any]:
     """The XCom dict of a job from its folder (local, or an index of the published one)."""
     lines = results.read_status(folder)
+    tracked = folder / MLFLOW_RUN_FILE
+    mlflow_run = json.loads(tracked.read_text()) if tracked.is_file() else None
     return {
+        **({"mlflow": mlflow_run} if mlflow_run else {}),
         "action": action,
         "job_id": job_id,
         "results_dir": publish_uri,
