@@ -51,9 +51,10 @@ class Journey:
     def fill_form(self, dialog: Any, fields: Dict[str, str], overrides: str) -> None:
         """Text fields by param name (``element_<name>``, in their collapsed sections), and the JSON editor of
         ``spec_overrides`` (section Advanced), typed as a user pastes it."""
-        for section in ("Dataset", "Advanced"):
-            if dialog.get_by_role("button", name=section, exact=True).count():
+        for section, inside in (("Dataset", "[id='element_train_datasets']"), ("Advanced", ".monaco-editor")):
+            if not dialog.locator(inside).first.is_visible():
                 dialog.get_by_role("button", name=section, exact=True).click()
+                dialog.locator(inside).first.wait_for(state="visible")
         for name, value in fields.items():
             dialog.locator(f"[id='element_{name}']").fill(value)
         editor = dialog.locator(".monaco-editor").first
