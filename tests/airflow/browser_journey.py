@@ -51,17 +51,22 @@ class Journey:
     def fill_form(self, dialog: Any, fields: Dict[str, str], overrides: str) -> None:
         """Text fields by param name (``element_<name>``, in their collapsed sections), and the JSON editor of
         ``spec_overrides`` (section Advanced), typed as a user pastes it."""
-        for section, inside in (("Dataset", "[id='element_train_datasets']"), ("Advanced", ".monaco-editor")):
-            if not dialog.locator(inside).first.is_visible():
-                dialog.get_by_role("button", name=section, exact=True).click()
-                dialog.locator(inside).first.wait_for(state="visible")
+        self.open_section(dialog, "Dataset", "[id='element_train_datasets']")  # one section open at a time
         for name, value in fields.items():
             dialog.locator(f"[id='element_{name}']").fill(value)
+        self.open_section(dialog, "Advanced", ".monaco-editor")
         editor = dialog.locator(".monaco-editor").first
         editor.click()
         self.page.keyboard.press("Control+A")
         self.page.keyboard.press("Delete")
         self.page.keyboard.insert_text(overrides)
+
+    def open_section(self, dialog: Any, section: str, inside: str) -> None:
+        toggle = dialog.get_by_role("button", name=section, exact=True)
+        toggle.wait_for(state="visible")
+        if toggle.get_attribute("aria-expanded") != "true":
+            toggle.click()
+        dialog.locator(inside).first.wait_for(state="visible")
 
     def submit(self, dialog: Any) -> None:
         dialog.get_by_role("button", name="Trigger", exact=True).last.click()
