@@ -9,6 +9,9 @@
 # (TensorRT, ModelOpt; TensorRT's wheels come from NVIDIA's index, see the README).
 FROM python:3.11-slim
 
+ARG AIRFLOW_VERSION=3.3.2
+ARG PYTHON_VERSION=3.11
+ARG AIRFLOW_CONSTRAINTS_URL=https://raw.githubusercontent.com/apache/airflow/constraints-${AIRFLOW_VERSION}/constraints-${PYTHON_VERSION}.txt
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG REQUIREMENTS=requirements.txt
@@ -28,9 +31,13 @@ RUN apt-get update \
 
 WORKDIR /opt/mask2former
 COPY requirements.txt requirements-gpu.txt ./
-# torch first, from the index of the wanted build (CPU or CUDA); the rest then finds it satisfied.
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && pip install -r "${REQUIREMENTS}"
+# Airflow and its providers first, with Airflow's constraints file (the versions Airflow was released and
+# tested with); then torch from the index of the wanted build (CPU or CUDA); then the rest, keeping Airflow's
+# version pinned.
+RUN pip install "apache-airflow[celery,amazon,cncf.kubernetes,postgres,fab,openlineage]==${AIRFLOW_VERSION}" \
+        --constraint "${AIRFLOW_CONSTRAINTS_URL}" \
+    && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+    && pip install -r "${REQUIREMENTS}" "apache-airflow==${AIRFLOW_VERSION}"
 
 COPY pyproject.toml ./
 COPY mask2former ./mask2former

@@ -15,15 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from airflow.sdk import Param, TaskGroup
+from airflow.sdk import Asset, Param, TaskGroup
 
 from mask2former.automl import policy as policy_lib
 from operators.operators.actions import Mask2FormerTrainOperator
+from operators.utils.gpu import gpu_routing
+from operators.utils.outcome import MODEL_ASSET_NAME
 from operators.operators.automl import (ALGORITHMS, Mask2FormerAutoMLPlanOperator, Mask2FormerAutoMLPolicyOperator,
                                         Mask2FormerAutoMLResultOperator, Mask2FormerAutoMLSelectOperator,
                                         Mask2FormerAutoMLTrialsOperator)
 
 DEFAULT_POOL = "mask2former_gpu"
+#: Updated by the pipeline's training stage and the retrain's promotion (event extra: model_event_extra).
+MODEL_ASSET = Asset(name=MODEL_ASSET_NAME)
 _KEY_SOURCES = ("encryption_key_conn_id", "encryption_key_variable")
 
 
@@ -46,13 +50,17 @@ class AutoMLTraining:
 
 def automl_training(*, group_id: str = "training", result_task_id: str = "train", worker_slots: int = 2,
                     pool: Optional[str] = DEFAULT_POOL, automl: Optional[Dict[str, Any]] = None,
-                    aws_conn_id: str = "aws_default", **job_kwargs: Any) -> AutoMLTraining:
+                    aws_conn_id: str = "aws_default", outlets: Optional[list] = None,
+                    **job_kwargs: Any) -> AutoMLTraining:
     """The training stage: AutoML search or direct training, chosen per run (see the module docstring).
 
     ``automl`` holds the plan operator's AutoML settings (automl_policy, algorithm, max_recommendations, ...);
     ``job_kwargs`` the arguments every Mask2Former operator takes (spec_overrides, train_datasets, ...).
+    ``outlets`` (e.g. ``[MODEL_ASSET]``) get an Asset event from the result task with the model in its extra.
     ``worker_slots`` trials run in parallel, as mapped tasks in ``pool`` (create it with as many slots as
     GPUs: ``airflow pools set mask2former_gpu 2 "GPUs for training"``; a pool that does not exist runs nothing).
+    On a deployment with GPU workers the trials, like every GPU stage, take the GPU queue and pool
+    (:func:`operators.utils.gpu.gpu_routing`).
     """
     if worker_slots < 1:
         raise ValueError(f"worker_slots must be >= 1, got {worker_slots}")
@@ -66,13 +74,15 @@ def automl_training(*, group_id: str = "training", result_task_id: str = "train"
                                                  automl_task_id=plan.task_id, direct_task_id=direct.task_id)
         trials = Mask2FormerAutoMLTrialsOperator.partial(
             task_id="automl_trials", plan=plan.output, aws_conn_id=aws_conn_id,
-            **{k: job_kwargs[k] for k in _KEY_SOURCES if k in job_kwargs}, **({"pool": pool} if pool else {}),
+            **{k: job_kwargs[k] for k in _KEY_SOURCES if k in job_kwargs},
+            **{**({"pool": pool} if pool else {}), **gpu_routing().task_arguments()},
         ).expand(slot=list(range(worker_slots)))
         select = Mask2FormerAutoMLSelectOperator(task_id="automl_select", plan=plan.output, aws_conn_id=aws_conn_id)
         policy >> [plan, direct]
         trials >> select
     result = Mask2FormerAutoMLResultOperator(task_id=result_task_id, policy_task_id=policy.task_id,
-                                             select_task_id=select.task_id, direct_task_id=direct.task_id)
+                                             select_task_id=select.task_id, direct_task_id=direct.task_id,
+                                             outlets=list(outlets or []))
     [select, direct] >> result
     return AutoMLTraining(group=group, policy=policy, direct_train=direct, plan=plan, trials=trials, select=select,
                           result=result)

@@ -1,8 +1,10 @@
 """mask2former_pipeline: train -> evaluate -> export -> gen_trt_engine, and quantize -> evaluate (quantized).
 
 Triggered by hand or through the REST API with the form's params (generated from the spec schemas).
-Every task runs one engine action as a subprocess of its worker; gen_trt_engine goes to the ``gpu``
-queue and is skipped, with its reason, on a worker without a CUDA GPU.
+Every task runs one engine action as a subprocess of its worker. The stages that want a GPU (training,
+AutoML trials, evaluate, quantize, gen_trt_engine) go to the GPU queue and pool when the deployment has GPU
+workers (``MASK2FORMER_GPU_WORKERS=true``; operators/utils/gpu.py), to the default queue otherwise;
+gen_trt_engine is skipped, with its reason, on a worker without a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG
 
-from mask2former_automl import AUTOML_PARAM_ARGS, DEFAULT_POOL, automl_params, automl_training
+from mask2former_automl import AUTOML_PARAM_ARGS, DEFAULT_POOL, MODEL_ASSET, automl_params, automl_training
 from mask2former_params import MACROS, pipeline_params
 from operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator, Mask2FormerGenTrtEngineOperator,
                        Mask2FormerQuantizeOperator)
@@ -41,11 +43,10 @@ with DAG(
     # search whose trials run as mapped tasks in the mask2former_gpu pool; the `train` task returns the chosen
     # model (or the direct training's) in the train XCom shape, so the tasks below take it unchanged.
     train = automl_training(group_id="training", result_task_id="train", worker_slots=2, pool=DEFAULT_POOL,
-                            automl=AUTOML_PARAM_ARGS, **COMMON)
+                            automl=AUTOML_PARAM_ARGS, outlets=[MODEL_ASSET], **COMMON)
     evaluate = Mask2FormerEvaluateOperator(task_id="evaluate", parent=train.output, **COMMON)
     export = Mask2FormerExportOperator(task_id="export", parent=train.output, **COMMON)
-    gen_trt_engine = Mask2FormerGenTrtEngineOperator(task_id="gen_trt_engine", parent=export.output,
-                                                     queue="gpu", **COMMON)
+    gen_trt_engine = Mask2FormerGenTrtEngineOperator(task_id="gen_trt_engine", parent=export.output, **COMMON)
     quantize = Mask2FormerQuantizeOperator(task_id="quantize", parent=train.output, **COMMON)
     evaluate_quantized = Mask2FormerEvaluateOperator(task_id="evaluate_quantized", parent=quantize.output,
                                                      **COMMON)

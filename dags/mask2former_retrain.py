@@ -2,14 +2,18 @@
 
 Schedule: every Monday 03:00 UTC (CronTriggerTimetable) OR an update of the asset
 ``mask2former_training_data`` (set ``outlets=[TRAINING_DATA]`` on the task that lands new data).
-A run with a logical date (scheduled, backfilled) trains on ``<data_root>/<its date>``; a run without one
-(asset event, manual) on the newest partition. Job folders are keyed by run_id, so backfills
+Which partition a run trains on follows how it was made (mask2former_partitions): a scheduled or backfill
+run the one of its logical date, and is skipped ("no new data for 2026-11-30") when it does not exist; a
+manual run (UI form or REST API) the ``partition`` param, else the newest; an asset-triggered run the one
+its partition key or triggering asset event names (``partition`` in the event's extra), else the newest.
+The choice and its reason are logged and pushed as the XCom ``partition_choice``. Job folders are keyed by run_id, so backfills
 (``airflow backfill create --dag-id mask2former_retrain --from-date A --to-date B``) retrain each
 partition into its own folders.
 
 Champion/challenger: the new model is evaluated on ``eval_dataset``; the champion (``champion.json`` in
 the results root) is re-evaluated on that set when it was scored on another one. Only a strictly
-higher mIoU promotes the challenger: export, TensorRT engine (``gpu`` queue; skipped without a GPU)
+higher mIoU promotes the challenger: export, TensorRT engine (GPU queue with GPU workers;
+skipped without a GPU)
 and a new champion.json. The decision, with both numbers, is logged and returned by ``decide``.
 """
 
@@ -20,6 +24,7 @@ import os
 import pendulum
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule, get_current_context, task
 
+from mask2former_automl import MODEL_ASSET
 from mask2former_params import MACROS, retrain_params
 from operators import (Mask2FormerEvaluateOperator, Mask2FormerExportOperator, Mask2FormerGenTrtEngineOperator,
                        Mask2FormerTrainOperator)
@@ -67,13 +72,27 @@ with DAG(
 
     @task
     def select_partition() -> str:
-        """The training partition of this run (its logical date's, else the newest)."""
-        from mask2former_partitions import select_partition as choose
+        """The training partition of this run, chosen by its run type (see mask2former_partitions); the choice
+        and its reason go to the log and to the XCom ``partition_choice``. A scheduled or backfill run whose
+        partition does not exist is skipped: no new data."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from mask2former_partitions import NoNewData, choose_partition
 
         context = get_current_context()
-        uri, why = choose(context["params"]["data_root"], context.get("logical_date"), _storage())
-        print(f"training on {uri}: {why}")
-        return uri
+        dag_run = context["dag_run"]
+        try:
+            choice = choose_partition(
+                context["params"]["data_root"], _storage(), run_type=dag_run.run_type,
+                logical_date=context.get("logical_date"), requested=context["params"].get("partition"),
+                partition_key=context.get("partition_key"),
+                asset_events=[event for events in context["triggering_asset_events"].values() for event in events])
+        except NoNewData as exc:
+            print(f"skipped: {exc}")
+            raise AirflowSkipException(str(exc)) from None
+        print(f"training on {choice.uri}: {choice.reason}")
+        context["ti"].xcom_push(key="partition_choice", value=choice.as_dict())
+        return choice.uri
 
     @task
     def read_champion():
@@ -95,8 +114,12 @@ with DAG(
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def decide(challenger, champion) -> dict:
         """Compare the challenger's mIoU with the champion's on the same evaluation set."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from mask2former_champion import decide as compare, metric_of
 
+        if challenger is None:  # select_partition skipped the run (no new data): nothing to compare
+            raise AirflowSkipException("no challenger was trained in this run (see select_partition)")
         context = get_current_context()
         rescored = context["ti"].xcom_pull(task_ids="evaluate_champion")
         champion_value = metric_of(rescored) if rescored else (champion or {}).get("value")
@@ -110,10 +133,12 @@ with DAG(
     def should_promote(decision) -> bool:
         return decision["decision"] == "promote"
 
-    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[MODEL_ASSET])
     def write_champion(partition, trained, evaluation, decision, exported) -> str:
-        """Record the promoted model as the champion (after its export and engine)."""
+        """Record the promoted model as the champion (after its export and engine); the ``mask2former_model``
+        Asset event carries the promoted model (engine, else ONNX), its metrics and this run."""
         from mask2former_champion import champion_record, write_champion as write
+        from operators.utils.outcome import model_event_extra
 
         context = get_current_context()
         record = champion_record(dag_id=context["dag"].dag_id, run_id=context["run_id"], partition=partition,
@@ -122,6 +147,14 @@ with DAG(
                                  engine=context["ti"].xcom_pull(task_ids="gen_trt_engine"))
         uri = write(_results_root(context["params"]), record, _storage())
         print(f"new champion written to {uri}: mIoU {record['value']}")
+        engine = record["engine"] or {}
+        model = {**trained, "artifacts": {**trained.get("artifacts", {}), **(exported or {}).get("artifacts", {}),
+                                          **engine.get("artifacts", {})},
+                 "metrics": {**(evaluation.get("metrics") or {})}}
+        context["outlet_events"][MODEL_ASSET].extra = {
+            **model_event_extra(model, dag_id=context["dag"].dag_id, run_id=context["run_id"],
+                                task_id="write_champion", reason=decision["reason"]),
+            "champion": uri, "data_partition": partition}
         return uri
 
     partition = select_partition()
@@ -134,8 +167,7 @@ with DAG(
         parent="{{ ti.xcom_pull(task_ids='read_champion')['train'] }}", **COMMON)
     decision = decide(evaluate.output, champion)
     export = Mask2FormerExportOperator(task_id="export", parent=train.output, **COMMON)
-    gen_trt_engine = Mask2FormerGenTrtEngineOperator(task_id="gen_trt_engine", parent=export.output, queue="gpu",
-                                                     **COMMON)
+    gen_trt_engine = Mask2FormerGenTrtEngineOperator(task_id="gen_trt_engine", parent=export.output, **COMMON)
     recorded = write_champion(partition, train.output, evaluate.output, decision, export.output)
 
     champion >> champion_needs_evaluation(champion) >> evaluate_champion >> decision

@@ -100,14 +100,11 @@ class JobProcess:
         self.stop_reason: Optional[str] = None
         self._engine: Optional[subprocess.Popen] = None
         self._done = threading.Event()
-        self._status_offset = 0
         self._uploaded = -1
 
     def run(self) -> int:
         self.folder.mkdir(parents=True, exist_ok=True)
         monitor = threading.Thread(target=self._monitor, name="job-monitor", daemon=True)
-        self._status_offset = (self.folder / results.STATUS_FILE).stat().st_size \
-            if (self.folder / results.STATUS_FILE).is_file() else 0
         self._safe_tick()
         monitor.start()
         try:
@@ -170,11 +167,9 @@ class JobProcess:
             self.log(f"job monitor: {type(error).__name__}: {error}")
 
     def _tick(self, **extra: object) -> None:
-        """Heartbeat, new status lines into this process's output, status.json uploaded when published elsewhere."""
+        """Heartbeat, and status.json uploaded when published elsewhere. Its lines are not echoed: the engine prints
+        each progress line itself, into the same output (a trigger following a detached job streams them)."""
         status = self.folder / results.STATUS_FILE
-        lines, self._status_offset = results.follow_status(status, self._status_offset)
-        for line in lines:
-            self.log(results.describe_status(line))
         if self.remote and status.is_file() and status.stat().st_size != self._uploaded:
             size = status.stat().st_size
             self.hook.upload_file(status, join_uri(self.job.publish_uri, results.STATUS_FILE))

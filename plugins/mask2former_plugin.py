@@ -17,10 +17,12 @@ of the ``aws_default`` connection, the one the operators publish with.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Dict, Optional
+from typing import Annotated, Any, Dict, Optional, Tuple
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -30,7 +32,7 @@ import mask2former_jobs as jobs
 from mask2former.data.sources import local_path_of, uri_scheme
 from operators.hooks.storage import Mask2FormerStorageHook
 from operators.links.job import PLUGIN_URL_PREFIX, Mask2FormerJobLink
-from operators.utils.jobs import RESULTS_ROOT_VARIABLE, results_root_or_default
+from operators.utils.jobs import JOB_LOCATION_KEY, RESULTS_ROOT_VARIABLE, results_root_or_default, sanitize
 
 AWS_CONN_ID = "aws_default"
 DEFAULT_LIMIT = 100
@@ -59,24 +61,72 @@ def configured_results_root() -> str:
     return results_root_or_default(value)
 
 
-def browsed_root(requested: Optional[str]) -> str:
-    """The results root a request browses: the configured one, or ``requested`` if it is allowed (403 if not).
+@dataclass(frozen=True)
+class Access:
+    """What one user may browse: the DAGs they may read, and the results roots recorded by those DAGs' runs
+    (root -> the connection the run published with)."""
 
-    Allowed: the configured root itself (under any spelling) and any ``s3://`` root. A local path other
-    than the configured root is refused: the pages run in the API server, so accepting one would let every
-    Airflow user read files of that host (``root=/etc``). S3 roots are accepted because a run may publish
-    to its own bucket (trigger param ``results_root``); what can be read there is bounded by the
-    permissions of the ``aws_default`` connection, which the deployment chose, and only job folders (a
-    status.json at dag/run/task depth) are listed and served from. Narrow that connection's policy to the
-    results buckets to narrow what the pages can show.
+    dag_ids: Optional[frozenset]  #: None: every DAG
+    recorded_roots: Dict[str, Optional[str]]
+    run_order: Dict[Tuple[str, str], float]
+
+
+def user_access(user: Any) -> Access:
+    """The user's readable DAGs through Airflow's auth manager, and their runs' recorded roots and start times
+    from the metadata database."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    dag_ids = frozenset(get_auth_manager().get_authorized_dag_ids(user=user, method="GET"))
+    return Access(dag_ids=frozenset(sanitize(d) for d in dag_ids), recorded_roots=recorded_roots(dag_ids),
+                  run_order=run_order(dag_ids))
+
+
+def recorded_roots(dag_ids: frozenset) -> Dict[str, Optional[str]]:
+    """Results roots recorded by tasks of these DAGs (XCom ``mask2former_job_location``), with their connection."""
+    if not dag_ids:
+        return {}
+    from sqlalchemy import select
+
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    found: Dict[str, Optional[str]] = {}
+    with create_session() as session:
+        for value in session.scalars(select(XComModel.value).where(XComModel.key == JOB_LOCATION_KEY,
+                                                                   XComModel.dag_id.in_(dag_ids))):
+            record = json.loads(value) if isinstance(value, (str, bytes)) else value
+            if isinstance(record, dict) and record.get("results_root"):
+                found.setdefault(str(record["results_root"]).rstrip("/"), record.get("aws_conn_id"))
+    return found
+
+
+def run_order(dag_ids: frozenset) -> Dict[Tuple[str, str], float]:
+    """(dag, run) -> when the run was due, for the newest-first job list."""
+    if not dag_ids:
+        return {}
+    from sqlalchemy import select
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.execute(select(DagRun.dag_id, DagRun.run_id, DagRun.run_after).where(DagRun.dag_id.in_(dag_ids)))
+        return {(sanitize(dag), sanitize(run)): due.timestamp() for dag, run, due in rows if due is not None}
+
+
+def browsed_root(requested: Optional[str], access: Access) -> Tuple[str, Optional[str]]:
+    """(results root, connection to read it with) of a request: the configured root (``aws_default``), or a
+    root recorded by a run of a DAG the user may read (that run's connection). Anything else is refused (403):
+    neither a local path of the API server's host nor a bucket the deployment's credentials happen to reach.
     """
     configured = configured_results_root()
     if not requested or _same_root(requested, configured):
-        return configured
-    if _is_s3(requested):
-        return requested
-    raise HTTPException(status_code=403, detail="Only the configured results root or an s3:// results root can be "
-                                                "browsed; local paths other than the configured root are refused.")
+        return configured, AWS_CONN_ID
+    for root, conn_id in access.recorded_roots.items():
+        if _same_root(requested, root):
+            return root, conn_id
+    raise HTTPException(status_code=403, detail="Only the configured results root, or a results root recorded by a "
+                                                "run of a DAG you may read, can be browsed.")
 
 
 def _is_s3(root: str) -> bool:
@@ -96,31 +146,56 @@ def _same_root(one: str, other: str) -> bool:
 
 
 _hook_lock = threading.Lock()
-_cached_hook: Dict[str, Any] = {}  # {"fingerprint": digest of the connection's URI, "hook": its storage hook}
+_cached_hooks: Dict[str, Tuple[str, Mask2FormerStorageHook]] = {}  # conn id -> (digest of its URI, its hook)
 
 
-def storage() -> Mask2FormerStorageHook:
-    """The storage hook of the ``aws_default`` connection.
+def storage(conn_id: Optional[str] = AWS_CONN_ID) -> Mask2FormerStorageHook:
+    """The storage hook of a connection (the one a run published with).
 
     Its S3 client costs about 120 ms to create, more than the S3 reads of a page, and a job page makes one
     request per image, so the hook (and its client) is kept while the connection stays the same: the
     connection itself is looked up on every request (under a millisecond), and a changed endpoint or key
     gets a new hook. Only a digest of the connection's URI is kept, never the URI (it holds the secret key).
     """
-    fingerprint = hashlib.sha256(Mask2FormerStorageHook.get_connection(AWS_CONN_ID).get_uri().encode()).hexdigest()
+    conn_id = conn_id or AWS_CONN_ID
+    fingerprint = hashlib.sha256(Mask2FormerStorageHook.get_connection(conn_id).get_uri().encode()).hexdigest()
     with _hook_lock:
-        if _cached_hook.get("fingerprint") != fingerprint:
-            _cached_hook.update(fingerprint=fingerprint, hook=Mask2FormerStorageHook(aws_conn_id=AWS_CONN_ID))
-        return _cached_hook["hook"]
+        cached = _cached_hooks.get(conn_id)
+        if cached is None or cached[0] != fingerprint:
+            cached = _cached_hooks[conn_id] = (fingerprint, Mask2FormerStorageHook(aws_conn_id=conn_id))
+        return cached[1]
 
 
-def open_root(requested: Optional[str]) -> jobs.JobRoot:
-    return jobs.open_root(browsed_root(requested), storage)
+def open_root(requested: Optional[str], access: Access) -> jobs.JobRoot:
+    root, conn_id = browsed_root(requested, access)
+    return jobs.open_root(root, lambda: storage(conn_id), dag_ids=access.dag_ids, run_order=access.run_order)
 
 
 def root_params(requested: Optional[str]) -> Dict[str, str]:
     """The query the pages' links carry so that they stay on the browsed root."""
     return {"root": requested} if requested else {}
+
+
+def task_state(job: str) -> Optional[str]:
+    """The state of the task instance a job id names (dag / run / task[.mapN]), from the metadata database."""
+    parts = job.split("/")
+    if len(parts) != jobs.JOB_DEPTH:
+        return None
+    dag_id, run_id, task = parts
+    task_id, _, mapped = task.partition(".map")
+    try:
+        from sqlalchemy import select
+
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            state = session.scalar(select(TaskInstance.state).where(
+                TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id, TaskInstance.task_id == task_id,
+                TaskInstance.map_index == (int(mapped) if mapped.isdigit() else -1)))
+        return str(getattr(state, "value", state)) if state is not None else None
+    except Exception:  # noqa: BLE001 - no metadata database: the page says what it can
+        return None
 
 
 async def require_user(request: Request) -> object:
@@ -133,6 +208,14 @@ async def require_user(request: Request) -> object:
     return await resolve_user_from_token(token)
 
 
+def current_access(user: Annotated[Any, Depends(require_user)]) -> Access:
+    """What the request's user may browse (see :func:`user_access`)."""
+    return user_access(user)
+
+
+AccessDep = Annotated[Access, Depends(current_access)]
+
+
 def results_root_error(request: Request, error: jobs.ResultsRootError) -> JSONResponse:
     """A results root that cannot be read: its status and a message naming the root and what failed."""
     log.warning("Mask2Former jobs page %s: %s", request.url.path, error.detail)
@@ -143,31 +226,35 @@ def build_app() -> FastAPI:
     router = APIRouter(dependencies=[Depends(require_user)])
 
     @router.get("/", response_class=HTMLResponse)
-    def job_list(root: RootParam = None, limit: LimitParam = DEFAULT_LIMIT, offset: OffsetParam = 0) -> str:
-        store = open_root(root)
+    def job_list(access: AccessDep, root: RootParam = None, limit: LimitParam = DEFAULT_LIMIT,
+                 offset: OffsetParam = 0) -> str:
+        store = open_root(root, access)
         return jobs.render_list(store.location, jobs.list_jobs(store, limit, offset), PLUGIN_URL_PREFIX,
                                 root_params(root))
 
     @router.get("/api/jobs")
-    def job_list_json(root: RootParam = None, limit: LimitParam = DEFAULT_LIMIT, offset: OffsetParam = 0) -> dict:
-        store = open_root(root)
+    def job_list_json(access: AccessDep, root: RootParam = None, limit: LimitParam = DEFAULT_LIMIT,
+                      offset: OffsetParam = 0) -> dict:
+        store = open_root(root, access)
         page = jobs.list_jobs(store, limit, offset)
         return {"jobs": [jobs.job_json(j) for j in page.jobs], "total_entries": page.total,
                 "results_root": store.location}
 
     @router.get("/jobs/{job:path}", response_class=HTMLResponse)
-    def job_page(job: str, root: RootParam = None) -> str:
-        store = open_root(root)
+    def job_page(access: AccessDep, job: str, root: RootParam = None) -> str:
+        store = open_root(root, access)
+        if not jobs.allowed_job(store, job):
+            raise HTTPException(status_code=404, detail=f"No job {job!r} of a DAG you may read.")
         found = jobs.load_job(store, job)
         if found is None:
-            raise HTTPException(status_code=404, detail=f"No job {job!r} under {store.location} (it may not have "
-                                                        "started yet, or its results root is elsewhere).")
+            return HTMLResponse(jobs.render_missing(job, store.location, task_state(job), PLUGIN_URL_PREFIX,
+                                                    root_params(root)), status_code=404)
         summary, files = found
         return jobs.render_job(summary, files, PLUGIN_URL_PREFIX, root_params(root))
 
     @router.get("/files/{relative:path}")
-    def job_file(relative: str, root: RootParam = None) -> StreamingResponse:
-        served = jobs.open_served_file(open_root(root), relative)
+    def job_file(access: AccessDep, relative: str, root: RootParam = None) -> StreamingResponse:
+        served = jobs.open_served_file(open_root(root, access), relative)
         if served is None:
             raise HTTPException(status_code=404, detail=f"No servable file {relative!r}.")
         opened, media_type = served

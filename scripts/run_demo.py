@@ -87,11 +87,11 @@ def run_conf(args, data: Path, params) -> dict:
         "train_datasets": str(data / "train"),
         "eval_dataset": str(data / "val"),
         "dataset_format": "coco_panoptic",
-        "mode": "panoptic",
-        "backbone": "tiny",
-        "num_classes": 13,  # synthetic raw ids go up to 12 (contiguous_id false: index = raw id)
-        "num_epochs": args.epochs,
-        "learning_rate": args.lr,
+        "model.mode": "panoptic",
+        "model.backbone.swin.type": "tiny",
+        "model.sem_seg_head.num_classes": 13,  # synthetic raw ids go up to 12 (contiguous_id false: index = raw id)
+        "train.num_epochs": args.epochs,
+        "train.optim.lr": args.lr,
         "spec_overrides": json.loads(TINY_MODEL.read_text()),
     }
     if "automl_policy" in params:

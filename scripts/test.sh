@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_venv.sh dev
+# The browser journey test drives Debian's chromium headless (Playwright); install it when absent and possible.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null \
+            || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; } \
+            || echo "chromium could not be installed: the browser test will be skipped" >&2
+    else
+        echo "chromium is not installed (apt-get install chromium as root): the browser test will be skipped" >&2
+    fi
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 .venv/bin/python -m mask2former schemas --check
 .venv/bin/lint-imports --no-cache

@@ -91,7 +91,7 @@ class InstanceEvaluator:
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
-        logger.info("COCOeval segm:\n%s", "\n".join(str(line) for line in lines))
+        logger.debug("COCOeval segm:\n%s", "\n".join(str(line) for line in lines))  # the numbers are in the metrics
         results = {key: _percent(value) for key, value in zip(SUMMARY_KEYS, coco_eval.stats)}
         results["per_class"] = _per_category_ap(coco_eval, self._category_names)
         return results

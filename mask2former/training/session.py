@@ -11,8 +11,10 @@ Resume: Lightning restores weights, optimizer, schedule and loop counters from t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from .callbacks import AtomicCheckpointIO, CheckpointSaver, ReplicaCheck, Status
 from .data_order import DataPosition, resume_position
 from .datamodule import DATA_ERRORS, Mask2FormerDataModule, error_message
 from .distributed import DevicePlan
+from .tracking import finish_run, mlflow_logger
 from .errors import DatasetError, TrainingSetupError
 from .wandb_logger import wandb_logger
 from .initialization import freeze_parameters, load_backbone_weights, load_pretrained_model
@@ -188,6 +191,24 @@ def data_start(resume: Optional[ResumePoint], *, epoch_steps: int, log: logging.
     return position
 
 
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def _public_spec(config: Any) -> Dict[str, Any]:
+    """The spec as a dict without its secret keys (never sent to a tracking server)."""
+    from ..config.schema import secret_keys
+
+    spec = dataclasses.asdict(config)
+    for key in secret_keys():
+        node = spec
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.get(part) or {}
+        node.pop(leaf, None)
+    return spec
+
+
 def build_trainer(config: Any, *, plan: DevicePlan, results_dir: Path, status: results.StatusWriter,
                   log: logging.Logger, has_val: bool, epoch_steps: int) -> pl.Trainer:
     train = config.train
@@ -204,9 +225,9 @@ def build_trainer(config: Any, *, plan: DevicePlan, results_dir: Path, status: r
     logs = results_dir / LOGS_DIR
     # version_N folders: a resumed attempt adds its own logs next to the interrupted one's
     loggers = [TensorBoardLogger(save_dir=str(logs), name="tensorboard"), CSVLogger(save_dir=str(logs), name="csv")]
-    tracker = wandb_logger(config.wandb, save_dir=logs / "wandb")
-    if tracker is not None:
-        loggers.append(tracker)
+    trackers = (wandb_logger(config.wandb, save_dir=logs / "wandb"),
+                mlflow_logger(results_dir=results_dir, params=_public_spec(config)) if _is_rank_zero() else None)
+    loggers += [tracker for tracker in trackers if tracker is not None]
     torch.backends.cudnn.benchmark = train.cudnn.benchmark
     torch.backends.cudnn.deterministic = train.cudnn.deterministic
     return pl.Trainer(
@@ -252,6 +273,11 @@ def run_training(config: Any, *, plan: DevicePlan, datasets: TrainingDatasets, r
         trainer.fit(module, datamodule=data, ckpt_path=str(resume.checkpoint) if resume else None)
     saver = next(c for c in trainer.callbacks if isinstance(c, CheckpointSaver))
     latest = results_dir / results.LATEST_CHECKPOINT
+    best = results.read_best(results_dir) if saver.best_value is not None else None
+    tracked = next((lg for lg in trainer.loggers if type(lg).__name__ == "MLFlowLogger"), None)
+    if tracked is not None and trainer.is_global_zero:
+        finish_run(tracked, results_dir=results_dir,
+                   checkpoint=results_dir / best["checkpoint"] if best else latest)
     return TrainingOutcome(
         epochs=trainer.current_epoch, global_step=trainer.global_step,
         train_loss=module.last_epoch_loss, last_validation=module.last_validation,

@@ -265,7 +265,10 @@ class ObjectStore:
                     yield StoredFile(path.relative_to(base).as_posix(), stat.st_size, stat.st_mtime)
             return
         with _s3_errors(uri, "Listing"):
-            pages = self.get_conn().get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=where.prefix)
+            # one level: a delimiter listing, which never pages through the objects of the folders below
+            extra = {"Delimiter": "/"} if depth == 1 else {}
+            pages = self.get_conn().get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=where.prefix,
+                                                                               **extra)
             for page in pages:
                 for item in page.get("Contents", []):
                     path = item["Key"][len(where.prefix):]

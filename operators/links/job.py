@@ -45,5 +45,7 @@ class Mask2FormerJobLink(BaseOperatorLink):
     name = "Mask2Former job"
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
-        job = job_id(ti_key.dag_id, ti_key.run_id, ti_key.task_id, getattr(ti_key, "map_index", -1))
+        # a task that returns another task's job (the training stage's result) names it
+        job = getattr(operator, "linked_job_id", None) or job_id(ti_key.dag_id, ti_key.run_id, ti_key.task_id,
+                                                                  getattr(ti_key, "map_index", -1))
         return job_page_url(job, api_base_url(), own_results_root(operator))

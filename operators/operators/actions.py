@@ -12,18 +12,21 @@ class Mask2FormerTrainOperator(Mask2FormerBaseOperator):
     """Train; a retried task resumes from the last checkpoint in its (stable) job folder."""
 
     action = "train"
+    wants_gpu = True
 
 
 class Mask2FormerEvaluateOperator(Mask2FormerBaseOperator):
     """Evaluate the parent's model (checkpoint, ONNX, TensorRT engine or quantized model): mIoU, PQ, mask AP."""
 
     action = "evaluate"
+    wants_gpu = True
 
 
 class Mask2FormerInferenceOperator(Mask2FormerBaseOperator):
     """Segment the images of ``eval_dataset`` (or ``dataset.test.img_dir``) with the parent's model."""
 
     action = "inference"
+    wants_gpu = True
 
 
 class Mask2FormerExportOperator(Mask2FormerBaseOperator):
@@ -36,15 +39,18 @@ class Mask2FormerQuantizeOperator(Mask2FormerBaseOperator):
     """Post-training quantization of the parent's checkpoint."""
 
     action = "quantize"
+    wants_gpu = True
 
 
 class Mask2FormerGenTrtEngineOperator(Mask2FormerBaseOperator):
     """Build a TensorRT engine from the parent's ONNX model; skipped on a worker without a CUDA GPU.
 
-    Put it on a GPU queue (``queue="gpu"``) or give it a KubernetesPodLauncher with GPUs.
+    On a deployment with GPU workers it goes to the GPU queue and pool (see :func:`~operators.utils.gpu.gpu_routing`);
+    or give it a KubernetesPodLauncher with GPUs.
     """
 
     action = "gen_trt_engine"
+    wants_gpu = True
 
     def check_can_run(self) -> None:
         if not self.launcher.runs_here:

@@ -32,9 +32,10 @@ from mask2former.automl import policy as policy_lib
 from mask2former.data.sources import join_uri, local_path_of, uri_scheme
 
 from ..hooks.storage import Mask2FormerStorageHook
+from ..links.job import Mask2FormerJobLink
 from ..utils.encryption import EncryptionKeyArguments
 from ..utils.jobs import cache_root, process_env, work_root
-from ..utils.outcome import published_outcome
+from ..utils.outcome import model_event_extra, published_outcome
 from .actions import Mask2FormerTrainOperator
 
 ALGORITHMS = ("bayesian", "hyperband", "random")
@@ -215,7 +216,9 @@ class _AutoMLRequest(Mask2FormerTrainOperator):
 
 
 class Mask2FormerAutoMLPlanOperator(_AutoMLRequest):
-    """The plan role of a search whose trials run as ``worker_slots`` mapped tasks."""
+    """The plan role of a search whose trials run as ``worker_slots`` mapped tasks (no GPU: the trials train)."""
+
+    wants_gpu = False
 
     def __init__(self, *, worker_slots: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -322,6 +325,7 @@ class Mask2FormerAutoMLResultOperator(BaseOperator):
 
     ui_color = "#76b900"
     ui_fgcolor = "#ffffff"
+    operator_extra_links = (Mask2FormerJobLink(),)
 
     def __init__(self, *, policy_task_id: str, select_task_id: str, direct_task_id: str, **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", "none_failed_min_one_success")
@@ -341,9 +345,21 @@ class Mask2FormerAutoMLResultOperator(BaseOperator):
             raise AirflowFailException(f"{source} returned no result (policy {decision['policy']}: "
                                        f"{decision['reason']}).")
         outcome = {**outcome, "automl": decision_summary(decision, outcome.get("automl"))}
+        self.link_to(outcome)
+        for asset in self.outlets:  # e.g. Asset("mask2former_model"): the event carries the model and its run
+            context["outlet_events"][asset].extra = model_event_extra(
+                outcome, dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                reason="trained (AutoML search)" if decision["use_automl"] else "trained")
         self.log.info("training result from %s: %s; AutoML: %s", source, outcome["results_dir"],
                       outcome["automl"]["reason"])
         return outcome
+
+    def link_to(self, outcome: Dict[str, Any]) -> None:
+        """Point this task's job link at the chosen job (the link is computed once the task has run)."""
+        job, folder = outcome.get("job_id"), str(outcome.get("results_dir") or "")
+        if job and folder.rstrip("/").endswith("/" + job):
+            self.linked_job_id = job
+            self.results_root = folder.rstrip("/")[:-len(job) - 1]
 
 
 class Mask2FormerAutoMLOperator(_AutoMLRequest):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import socket
 import time
@@ -31,12 +32,12 @@ from functools import cached_property
 from typing import Any, ClassVar, Dict, Optional, Sequence
 
 from airflow.sdk import BaseOperator, conf
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from mask2former import results
 from mask2former.config import SpecError
 from mask2former.crypto import KEY_ENV
-from mask2former.data.sources import DATASET_FORMATS, NO_DATA_ACTIONS, plan_data_sources, uri_scheme
+from mask2former.data.sources import DATASET_FORMATS, NO_DATA_ACTIONS, join_uri, plan_data_sources, uri_scheme
 
 from ..hooks.storage import Mask2FormerStorageHook
 from ..launchers import KubernetesPodLauncher, check_launcher
@@ -44,7 +45,8 @@ from ..links.job import Mask2FormerJobLink
 from ..pod_job import EXIT_USAGE
 from ..triggers.job import Mask2FormerJobTrigger
 from ..utils.encryption import EncryptionKeyArguments
-from ..utils.jobs import JobPaths, default_results_root, job_id
+from ..utils.gpu import gpu_routing
+from ..utils.jobs import JobPaths, default_results_root, job_id, record_job_location
 from ..utils.outcome import published_outcome
 from ..utils.overrides import coerce_overrides, is_templated, job_overrides, validate_literal_overrides
 from ..utils.parents import ParentError, resolve_parent
@@ -53,6 +55,20 @@ from ..utils.parents import ParentError, resolve_parent
 #: the label map and their own splits, so their staging never downloads the training annotations).
 _TRAIN_SPLIT_KEYS = ("dataset.train.img_dir", "dataset.train.instance_json", "dataset.train.panoptic_json",
                      "dataset.train.panoptic_dir", "dataset.train.annot_file", "dataset.train.root_dir")
+
+
+def mlflow_tracking_uri(conn_id: str) -> str:
+    """The tracking URI an Airflow connection names (extra ``tracking_uri``, else schema://host:port)."""
+    from airflow.sdk import BaseHook
+
+    conn = BaseHook.get_connection(conn_id)
+    uri = conn.extra_dejson.get("tracking_uri")
+    if uri:
+        return str(uri)
+    host = conn.host or "localhost"
+    if "://" in host:
+        return host + (f":{conn.port}" if conn.port else "")
+    return f"{conn.schema or 'http'}://{host}" + (f":{conn.port}" if conn.port else "")
 
 
 def stale_after(check_interval: float) -> float:
@@ -91,11 +107,17 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         ``[operators] default_deferrable``, False).
     :param wait_for_completion: False returns as soon as the job is launched (it runs detached).
     :param check_interval: seconds between looks at a detached job (and between its heartbeats).
+    :param mlflow_conn_id: Airflow connection of an MLflow tracking server (its extra ``tracking_uri``, else
+        ``schema://host:port``, schema default http): the training job logs its params, per-epoch metrics and
+        model checkpoint there, and the run id comes back in the XCom (``mlflow``).
     :param job_timeout: the longest a detached job may run (seconds or a timedelta); then it is stopped and
         the task fails.
     """
 
     action: ClassVar[str] = ""
+    #: Stages that want a GPU go to the GPU queue and pool when the deployment has GPU workers
+    #: (:func:`~operators.utils.gpu.gpu_routing`); an explicit ``queue``/``pool`` argument wins.
+    wants_gpu: ClassVar[bool] = False
     template_fields: Sequence[str] = ("spec_overrides", "train_datasets", "eval_dataset", "dataset_format",
                                       "results_root", "parent", "checkpoint_choose_method")
     template_fields_renderers = {"spec_overrides": "json", "parent": "json"}
@@ -111,7 +133,10 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
                  encryption_key_variable: Optional[str] = None, launcher: Any = None,
                  deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
                  wait_for_completion: bool = True, check_interval: float = 10.0,
-                 job_timeout: Optional[Any] = None, **kwargs: Any) -> None:
+                 job_timeout: Optional[Any] = None, mlflow_conn_id: Optional[str] = None, **kwargs: Any) -> None:
+        if self.wants_gpu:
+            for name, value in gpu_routing().task_arguments().items():
+                kwargs.setdefault(name, value)
         super().__init__(**kwargs)
         self.spec_overrides = spec_overrides
         self.train_datasets = train_datasets
@@ -129,8 +154,10 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         self.wait_for_completion = wait_for_completion
         self.check_interval = check_interval
         self.job_timeout = job_timeout.total_seconds() if isinstance(job_timeout, dt.timedelta) else job_timeout
+        self.mlflow_conn_id = mlflow_conn_id
         self._check_literals()
         self._following: Optional[Dict[str, Any]] = None
+        self._outcome: Optional[Dict[str, Any]] = None
 
     def _check_literals(self) -> None:
         """Parse-time checks of literal (non-templated) arguments: a mistake is a DAG import error."""
@@ -184,8 +211,13 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
 
     def execute(self, context: Any) -> Dict[str, Any]:
         overrides = self.job_spec()
-        self.check_can_run()
         paths = self.job_paths(context)
+        record_job_location(context, paths, aws_conn_id=self.aws_conn_id)
+        try:
+            self.check_can_run()
+        except AirflowSkipException as skip:
+            self.record_skip(paths, str(skip))
+            raise
         live = self.live_job(paths)
         if live is not None:
             self.log.info("%s job %s is still running (heartbeat %.0f s ago): following it instead of starting "
@@ -209,6 +241,19 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         handle = self.launcher.start(job, env, self.log.info)
         return self.follow(context, paths, handle if isinstance(self.launcher, KubernetesPodLauncher) else None)
 
+    def record_skip(self, paths: JobPaths, reason: str) -> None:
+        """A skipped task's job folder holds one SKIPPED status line with the reason, so that its job page (the
+        task's extra link) explains the skip. A folder an earlier attempt already wrote is left alone."""
+        status_uri = join_uri(paths.publish_uri, results.STATUS_FILE)
+        try:
+            if not self.hook.exists(status_uri):
+                now = dt.datetime.now(dt.timezone.utc)
+                line = {"date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H:%M:%S"), "status": "SKIPPED",
+                        "message": reason, "action": self.action}
+                self.hook.write_bytes(status_uri, (json.dumps(line) + "\n").encode())
+        except Exception as error:  # noqa: BLE001 - the skip stands even when its record cannot be written
+            self.log.warning("could not record the skip in %s: %s", paths.publish_uri, error)
+
     def job_env(self, publish_uri: str, overrides: Dict[str, Any], key: Optional[str]) -> Dict[str, str]:
         """What a local job process needs from this worker: the connection's S3 settings when it touches S3,
         and the encryption key. A pod gets both from Kubernetes Secrets."""
@@ -217,6 +262,8 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         touches_s3 = uri_scheme(publish_uri) == "s3" or any(
             isinstance(v, str) and v.startswith("s3://") for v in overrides.values())
         env = self.hook.job_environment() if touches_s3 else {}
+        if self.mlflow_conn_id:
+            env["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri(self.mlflow_conn_id)
         return {**env, KEY_ENV: key} if key else env
 
     def live_job(self, paths: JobPaths) -> Optional[Dict[str, Any]]:
@@ -278,6 +325,7 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
                         f"{paths.publish_uri} keeps what it wrote")
         self.log.info("%s %s: metrics %s; artifacts %s", self.action, outcome["status"], outcome["metrics"],
                       outcome["artifacts"])
+        self._outcome = outcome
         return outcome
 
     def check_can_run(self) -> None:
@@ -300,6 +348,19 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         if self.action != "train":
             planned = {k: v for k, v in planned.items() if k not in _TRAIN_SPLIT_KEYS}
         return planned
+
+    # ------------------------------------------------------------------------------- lineage
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:  # noqa: ARG002 - provider's signature
+        """OpenLineage (apache-airflow-providers-openlineage): the dataset roots and the parent model in, the
+        models this job wrote out (read by the provider when installed; see operators/utils/lineage.py)."""
+        from ..utils.lineage import operator_lineage
+
+        parent = self.parent if isinstance(self.parent, dict) else {}
+        parent_models = [(parent.get("artifacts") or {}).get(kind) for kind in ("best_checkpoint", "checkpoint",
+                                                                                "onnx", "engine", "quantized")]
+        return operator_lineage(inputs=[self.train_datasets, self.eval_dataset, *parent_models],
+                                outcome=self._outcome)
 
     def on_kill(self) -> None:
         """The task is killed: stop its job (the child by SIGTERM, a detached job or pod through its folder).

@@ -140,3 +140,17 @@ class JobDescription:
     @classmethod
     def from_json(cls, text: str) -> "JobDescription":
         return cls(**json.loads(text))
+
+
+#: XCom key under which a task records where its job folder lives and through which connection it is read
+#: (the jobs page accepts a run's own results root, and reads it with that connection, only from this record).
+JOB_LOCATION_KEY = "mask2former_job_location"
+
+
+def record_job_location(context: Any, paths: JobPaths, *, aws_conn_id: Optional[str]) -> None:
+    """Push ``{"results_root", "aws_conn_id"}`` of this task's job folder as the XCom :data:`JOB_LOCATION_KEY`."""
+    push = getattr(context.get("ti"), "xcom_push", None)
+    suffix = "/" + paths.job_id
+    if push is None or not paths.publish_uri.endswith(suffix):
+        return
+    push(key=JOB_LOCATION_KEY, value={"results_root": paths.publish_uri[:-len(suffix)], "aws_conn_id": aws_conn_id})

@@ -7,6 +7,7 @@ artifact are URIs of the published folder; ``metrics`` keeps the scalar values o
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -75,10 +76,18 @@ def collect_artifacts(folder: Path, publish_uri: str) -> Dict[str, str]:
     return {kind: join_uri(publish_uri, name) for kind, name in found.items()}
 
 
+#: The MLflow run of a training job (mask2former/training/tracking.py writes it; the name is kept here so that
+#: this module stays free of the engine's training stack).
+MLFLOW_RUN_FILE = "mlflow_run.json"
+
+
 def job_outcome(*, action: str, job_id: str, folder: Path, publish_uri: str) -> Dict[str, Any]:
     """The XCom dict of a job from its folder (local, or an index of the published one)."""
     lines = results.read_status(folder)
+    tracked = folder / MLFLOW_RUN_FILE
+    mlflow_run = json.loads(tracked.read_text()) if tracked.is_file() else None
     return {
+        **({"mlflow": mlflow_run} if mlflow_run else {}),
         "action": action,
         "job_id": job_id,
         "results_dir": publish_uri,
@@ -93,3 +102,27 @@ def published_outcome(hook: Any, *, action: str, job_id: str, publish_uri: str) 
     with tempfile.TemporaryDirectory(prefix="m2f-outcome-") as tmp:
         return job_outcome(action=action, job_id=job_id, folder=hook.index(publish_uri, Path(tmp)),
                            publish_uri=publish_uri)
+
+
+#: The Asset a new model updates (the pipeline's training stage, the retrain's promotion): a downstream
+#: deployment DAG scheduled on it gets the model's URI, metrics and run in the event's extra.
+MODEL_ASSET_NAME = "mask2former_model"
+#: Model artifacts, the most deployable first: the one a downstream DAG should take is ``model_uri``.
+_MODEL_KINDS = ("engine", "onnx", "best_checkpoint", "checkpoint", "quantized")
+
+
+def model_event_extra(outcome: Mapping[str, Any], *, dag_id: str, run_id: str, task_id: str,
+                      reason: str) -> Dict[str, Any]:
+    """The extra of a ``mask2former_model`` Asset event: the model's URI (and every model artifact), its
+    metrics, the job folder, and the run that made it."""
+    artifacts = outcome.get("artifacts") or {}
+    models = {kind: artifacts[kind] for kind in _MODEL_KINDS if artifacts.get(kind)}
+    return {
+        "model_uri": next(iter(models.values()), None),
+        "models": models,
+        "metrics": dict(outcome.get("metrics") or {}),
+        "results_dir": outcome.get("results_dir"),
+        "job_id": outcome.get("job_id"),
+        "dag_id": dag_id, "run_id": run_id, "task_id": task_id,
+        "reason": reason,
+    }

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import quote
 
 import requests
@@ -37,8 +37,10 @@ class AirflowStack:
 
     def __init__(self, home: Path, *, sql_alchemy_conn: Optional[str] = None, executor: str = "LocalExecutor",
                  extra_env: Optional[Dict[str, str]] = None, celery_queues: Optional[str] = None,
-                 triggerer: bool = False):
+                 triggerer: bool = False, setup: Sequence[Sequence[str]] = ()):
         self.home = home
+        #: airflow CLI commands run after the metadata database is migrated, before the processes start
+        self.setup = [tuple(command) for command in setup]
         self.with_triggerer = triggerer
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -107,6 +109,8 @@ class AirflowStack:
         self.airflow("db", "migrate", timeout=600)
         # AutoML trials run in this pool; a scheduler never queues tasks of a pool that does not exist.
         self.airflow("pools", "set", "mask2former_gpu", "2", "Mask2Former training slots (GPUs)")
+        for command in self.setup:
+            self.airflow(*command)
         self._spawn("api-server", "api-server", "--port", str(self.port), "--host", "127.0.0.1", "--workers", "1")
         self._spawn("scheduler", "scheduler")
         self._spawn("dag-processor", "dag-processor")
@@ -181,6 +185,13 @@ class AirflowStack:
             reply.raise_for_status()
             self._token = reply.json()["access_token"]
         return self._token
+
+    def login(self, username: str, password: str) -> str:
+        """A JWT of another user (the auth manager's token endpoint)."""
+        reply = requests.post(f"{self.base_url}/auth/token", json={"username": username, "password": password},
+                              timeout=30)
+        assert reply.status_code in (200, 201), reply.text
+        return reply.json()["access_token"]
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token()}", **kwargs.pop("headers", {})}

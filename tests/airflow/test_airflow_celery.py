@@ -68,7 +68,7 @@ def celery_stack(tmp_path_factory, database):
 def test_pipeline_runs_on_celery_with_postgres(celery_stack, tmp_path):
     data = make_dataset(tmp_path / "data", images=4, val_images=2, size=64)
     conf = {"train_datasets": str(data / "train"), "eval_dataset": str(data / "val"), "dataset_format": "coco_panoptic",
-            "num_classes": 13, "num_epochs": 1, "spec_overrides": tiny_overrides(), "automl_policy": "off"}
+            "model.sem_seg_head.num_classes": 13, "train.num_epochs": 1, "spec_overrides": tiny_overrides(), "automl_policy": "off"}
     run_id = celery_stack.trigger(PIPELINE, conf)
     state = celery_stack.wait_run(PIPELINE, run_id, timeout=900)
     states = celery_stack.task_states(PIPELINE, run_id)

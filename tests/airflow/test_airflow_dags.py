@@ -33,8 +33,18 @@ def test_dagbag_imports_both_dags_without_errors(bag):
     assert set(bag.dag_ids) == {"mask2former_pipeline", "mask2former_retrain"}
 
 
-def test_parsing_imports_neither_torch_nor_tensorrt():
-    """A fresh interpreter parses the DAG folder; torch and tensorrt stay out of sys.modules."""
+#: The stages that want a GPU, per DAG.
+GPU_TASKS = {
+    "mask2former_pipeline": {"training.direct_train", "training.automl_trials", "evaluate", "quantize",
+                             "evaluate_quantized", "gen_trt_engine"},
+    "mask2former_retrain": {"train", "evaluate", "evaluate_champion", "gen_trt_engine"},
+}
+
+
+def test_parsing_imports_neither_torch_nor_tensorrt_and_routes_gpu_stages_to_gpu_workers():
+    """A fresh interpreter parses the DAG folder as the dag-processor of a deployment with GPU workers would
+    (MASK2FORMER_GPU_WORKERS=true, the queue's name from an Airflow Variable); torch and tensorrt stay out of
+    sys.modules; every GPU stage, and only those, is on the GPU queue and pool."""
     probe = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
@@ -42,14 +52,29 @@ def test_parsing_imports_neither_torch_nor_tensorrt():
         bag = BundleDagBag(dag_folder={str(DAGS)!r}, bundle_path=Path({str(DAGS)!r}))
         heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorrt', 'pytorch_lightning',
                                                                        'lightning', 'onnxruntime'))
-        print(json.dumps({{"dags": sorted(bag.dag_ids), "errors": bag.import_errors, "heavy": heavy}}))
+        routes = {{d: {{t.task_id: [t.queue, t.pool] for t in dag.tasks}} for d, dag in bag.dags.items()}}
+        print(json.dumps({{"dags": sorted(bag.dag_ids), "errors": bag.import_errors, "heavy": heavy,
+                          "routes": routes}}))
     """)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=os.environ.copy(),
+    env = {**os.environ, "MASK2FORMER_GPU_WORKERS": "true", "AIRFLOW_VAR_MASK2FORMER_GPU_QUEUE": "cuda"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
                          timeout=120, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["errors"] == {}
     assert report["dags"] == ["mask2former_pipeline", "mask2former_retrain"]
     assert report["heavy"] == []
+    for dag_id, wanted in GPU_TASKS.items():
+        on_gpu = {task for task, route in report["routes"][dag_id].items() if route == ["cuda", "mask2former_gpu"]}
+        assert on_gpu == wanted
+
+
+def test_without_gpu_workers_every_stage_runs_on_the_default_queue(bag):
+    for dag_id in GPU_TASKS:
+        dag = bag.dags[dag_id]
+        assert {t.queue for t in dag.tasks} == {"default"}
+        # AutoML trials keep their pool, which caps the trials running at once
+        assert {t.pool for t in dag.tasks if t.task_id != "training.automl_trials"} == {"default_pool"}
+    assert bag.dags["mask2former_pipeline"].get_task("training.automl_trials").pool == "mask2former_gpu"
 
 
 def test_pipeline_shape(bag):
@@ -59,7 +84,6 @@ def test_pipeline_shape(bag):
     assert up["evaluate"] == ["train"] and up["export"] == ["evaluate", "train"]
     assert up["gen_trt_engine"] == ["export"]
     assert up["quantize"] == ["train"] and up["evaluate_quantized"] == ["quantize"]
-    assert dag.get_task("gen_trt_engine").queue == "gpu"
     assert dag.schedule is None
 
 
@@ -75,38 +99,61 @@ def test_retrain_schedule_is_weekly_or_new_data(bag):
     assert dag.max_active_runs == 1
     promote_chain = dag.get_task("should_promote").downstream_task_ids
     assert promote_chain == {"export"}
-    assert dag.get_task("gen_trt_engine").queue == "gpu"
-    assert str(dag.get_task("write_champion").trigger_rule) in ("none_failed", "TriggerRule.NONE_FAILED")
+    assert str(dag.get_task("write_champion").trigger_rule).lower().endswith("none_failed_min_one_success")
 
 
 def test_trigger_form_mirrors_the_schemas(bag):
-    schema = json.loads((REPO / "schemas" / "train.schema.json").read_text())
+    """Every popular key of the schema files is a typed Param with its section; the overrides' schema lists
+    every other valid key and refuses misspelt keys and wrong types."""
+    import jsonschema
 
-    def leaf(dotted):
-        node = schema
-        for part in dotted.split("."):
-            node = node["properties"][part]
-        return node
+    from airflow.sdk.exceptions import ParamValidationError
 
+    schemas = [json.loads(p.read_text()) for p in sorted((REPO / "schemas").glob("*.schema.json"))]
+
+    def leaves(node, prefix=""):
+        for name, sub in node.get("properties", {}).items():
+            if sub.get("type") == "object":
+                yield from leaves(sub, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", sub
+
+    every = {key: leaf for schema in schemas for key, leaf in leaves(schema)}
+    # filled by the DAG from the upstream task's model and the dataset root
+    parent_keys = {f"{action}.{key}" for action in ("evaluate", "inference") for key in
+                   ("checkpoint", "onnx_file", "trt_engine")}
+    parent_keys |= {"export.checkpoint", "quantize.model_path", "gen_trt_engine.onnx_file", "dataset.label_map"}
+    popular = {key for key, leaf in every.items() if leaf.get("popular")} - parent_keys
+    assert {"train.num_epochs", "train.optim.lr", "model.mode", "dataset.train.batch_size"} <= popular
+    for dag_id in ("mask2former_pipeline", "mask2former_retrain"):
+        params = bag.dags[dag_id].params
+        for key in popular:
+            param, spec = params.get_param(key), every[key]
+            assert param.value == spec["default"], key
+            for keyword in ("type", "enum", "minimum", "maximum", "exclusiveMinimum"):
+                assert param.schema.get(keyword) == spec.get(keyword), (key, keyword)
+            assert param.schema["section"] == {"model": "Model", "dataset": "Dataset", "train": "Training"}[
+                key.split(".")[0]]
+        overrides = params.get_param("spec_overrides")
+        assert set(overrides.schema["properties"]) == set(every) - parent_keys - {"results_dir", "encryption_key"}
+        overrides.resolve({"model.mask_former.dec_layers": 3, "export.opset_version": 17})
+        for bad in ({"model.mask_former.num_object_querys": 5}, {"train.num_epochs": "3"}, {"encryption_key": "k"}):
+            with pytest.raises(ParamValidationError):
+                overrides.resolve(bad)
+        jsonschema.Draft202012Validator.check_schema({k: v for k, v in overrides.schema.items()
+                                                     if k not in ("section", "title", "description")})
     params = bag.dags["mask2former_pipeline"].params
-    expected = {"mode": "model.mode", "backbone": "model.backbone.swin.type",
-                "num_classes": "model.sem_seg_head.num_classes", "num_epochs": "train.num_epochs",
-                "learning_rate": "train.optim.lr"}
-    for name, key in expected.items():
-        spec, param = leaf(key), params.get_param(name)
-        assert param.value == spec["default"], name
-        for keyword in ("type", "enum", "minimum", "maximum", "exclusiveMinimum"):
-            assert param.schema.get(keyword) == spec.get(keyword), (name, keyword)
     assert params.get_param("dataset_format").schema["enum"] == ["coco", "coco_panoptic", "ade"]
-    assert params.get_param("spec_overrides").schema["type"] == "object"
-    with pytest.raises(Exception, match="num_epochs|minimum|0"):
-        params.get_param("num_epochs").resolve(0)
+    assert params.get_param("automl_policy").schema["section"] == "AutoML"
+    with pytest.raises(ParamValidationError, match="train.num_epochs|minimum|0"):
+        params.get_param("train.num_epochs").resolve(0)
 
 
 def test_spec_overrides_macro_merges_form_fields_and_free_keys():
     from mask2former_params import spec_overrides_from_params
 
-    merged = spec_overrides_from_params({"mode": "semantic", "num_epochs": 3, "learning_rate": None,
+    merged = spec_overrides_from_params({"model.mode": "semantic", "train.num_epochs": 3, "train.optim.lr": None,
+                                         "model.sem_seg_head.num_classes": 200,  # the default: left to the spec
                                          "spec_overrides": {"train.num_epochs": 5, "export.opset_version": 18}})
     assert merged == {"model.mode": "semantic", "train.num_epochs": 5, "export.opset_version": 18}
 

@@ -18,10 +18,13 @@ import mask2former_plugin as plugin
 def job_documents(*, action: str = "train", status: str = "SUCCESS", metrics=None) -> Dict[str, bytes]:
     """The files of a finished job folder: status.json (three validation mIoU values), metrics.json, _FINISHED."""
     lines = [{"date": "2024-01-01", "time": "10:00:00", "status": "STARTED", "message": f"{action} started"}]
-    for epoch, miou in ((1, 1.5), (2, 2.5), (3, 4.0)):
-        lines.append({"date": "2024-01-01", "time": f"10:0{epoch}:00", "status": "RUNNING", "message": "validation",
-                      "epoch": epoch, "max_epoch": 3, "kpi": {"mIoU": miou}})
-    lines.append({"date": "2024-01-01", "time": "10:05:00", "status": status, "message": "done <b>"})
+    if action == "train":
+        for epoch, miou in ((1, 1.5), (2, 4.5), (3, 4.0)):
+            lines.append({"date": "2024-01-01", "time": f"10:0{epoch}:00", "status": "RUNNING",
+                          "message": "validation", "epoch": epoch, "max_epoch": 3, "kpi": {"mIoU": miou}})
+    # the final line's kpi has no epoch (as the engine writes it): a value, never a point of the plots
+    lines.append({"date": "2024-01-01", "time": "10:05:00", "status": status, "message": "done <b>",
+                  "kpi": {"mIoU": 4.0} if action == "train" else {"parity_max_abs_diff": 1e-5}})
     documents = {"status.json": "".join(json.dumps(line) + "\n" for line in lines).encode(), "_FINISHED": b"{}"}
     if metrics is not None:
         documents["metrics.json"] = json.dumps(metrics).encode()
@@ -43,9 +46,13 @@ def client(tmp_path, monkeypatch):
               metrics={"mIoU": 4.0, "PQ": 2.0, "per_class": {"sky": {"IoU": 9.0}}, "panoptic": {"SQ": 70.0}})
     write_job(tmp_path / "results", "mask2former_pipeline/manual__1/export", action="export", metrics={})
     (tmp_path / "results" / "mask2former_pipeline/manual__1/export/overlay.png").write_bytes(b"\x89PNG\r\n")
+    (tmp_path / "results" / "mask2former_pipeline/manual__1/train/per_class.csv").write_text("class,IoU\nsky,9\n")
+    (tmp_path / "results" / "mask2former_pipeline/manual__1/train/model.pth").write_bytes(b"weights")
     (tmp_path / "secret.txt").write_text("outside the results root")
     app = plugin.build_app()
     app.dependency_overrides[plugin.require_user] = lambda: object()
+    app.dependency_overrides[plugin.current_access] = lambda: plugin.Access(dag_ids=None, recorded_roots={},
+                                                                             run_order={})
     return TestClient(app)
 
 
@@ -69,6 +76,26 @@ def test_job_list_shows_jobs_with_their_headline_metrics(client):
     train = next(j for j in listing["jobs"] if j["job_id"].endswith("/train"))
     assert train["action"] == "train" and train["status"] == "SUCCESS" and train["finished"]
     assert train["metrics"] == {"mIoU": 4.0, "PQ": 2.0, "per_class.sky.IoU": 9.0, "panoptic.SQ": 70.0}
+    assert train["best_mIoU"] == {"value": 4.5, "epoch": 2}  # the best epoch, not the last
+    assert "<td>4.5 (epoch 2)</td>" in page.text
+
+
+def test_job_pages_plot_per_epoch_show_single_values_as_values_and_link_every_listed_file(client):
+    import re
+
+    train = client.get("/jobs/mask2former_pipeline/manual__1/train").text
+    chart = re.search(r'<svg class="chart"[^>]*aria-label="mIoU".*?</svg>', train).group(0)
+    ticks = re.findall(r'class="tick">([^<]*)<', chart)
+    assert ticks[2:] == ["1", "3"]  # x axis: epochs 1 to 3, not status line numbers
+    assert chart.count("<circle") == 3
+    assert "Best mIoU: <b>4.5</b> at epoch 2" in train
+    export = client.get("/jobs/mask2former_pipeline/manual__1/export").text
+    assert "<svg" not in export and "parity_max_abs_diff</td><td>1e-05" in export  # one value: no chart
+    links = re.findall(r"<li><a href='([^']+)'>", train)
+    assert links and all(client.get(link[len("/mask2former"):]).status_code == 200 for link in links)
+    assert any(link.endswith("per_class.csv") for link in links)
+    assert "and 2 other files (models, checkpoints" in train and "model.pth" not in train  # and _FINISHED
+    assert client.get("/files/mask2former_pipeline/manual__1/train/per_class.csv").text == "class,IoU\nsky,9\n"
 
 
 def test_job_page_has_metrics_a_progress_plot_and_images(client):
@@ -81,6 +108,18 @@ def test_job_page_has_metrics_a_progress_plot_and_images(client):
     assert "/mask2former/files/mask2former_pipeline/manual__1/export/overlay.png" in export.text
     image = client.get("/files/mask2former_pipeline/manual__1/export/overlay.png")
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+
+
+def test_a_skipped_task_page_says_why_and_a_missing_job_page_is_a_page(client, tmp_path):
+    folder = tmp_path / "results" / "mask2former_pipeline/manual__1/gen_trt_engine"
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"date": "2024-01-01", "time": "10:00:00", "status": "SKIPPED",
+                                                    "message": "needs a CUDA GPU", "action": "gen_trt_engine"}) + "\n")
+    page = client.get("/jobs/mask2former_pipeline/manual__1/gen_trt_engine")
+    assert page.status_code == 200 and "SKIPPED" in page.text and "needs a CUDA GPU" in page.text
+    missing = client.get("/jobs/mask2former_pipeline/nope/train")
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/html")
+    assert "No job folder" in missing.text
 
 
 def test_unknown_jobs_and_paths_leaving_the_root_are_refused(client):
@@ -109,22 +148,26 @@ def test_chart_scales_points_into_the_frame():
     assert ys[0] < ys[1]  # the larger value is drawn higher
 
 
-def test_list_is_newest_first_by_status_time_and_limit_pages_it(client, tmp_path):
-    root = tmp_path / "results" / "mask2former_pipeline" / "manual__1"
-    os.utime(root / "train" / "status.json", (1_000, 1_000))
-    os.utime(root / "export" / "status.json", (2_000, 2_000))
-    order = [j["job_id"].rsplit("/", 1)[1] for j in client.get("/api/jobs").json()["jobs"]]
-    assert order == ["export", "train"]
-    os.utime(root / "train" / "status.json", (3_000, 3_000))
-    order = [j["job_id"].rsplit("/", 1)[1] for j in client.get("/api/jobs").json()["jobs"]]
-    assert order == ["train", "export"]
-    first = client.get("/api/jobs", params={"limit": 1}).json()
-    assert [j["job_id"] for j in first["jobs"]] == ["mask2former_pipeline/manual__1/train"]
-    assert first["total_entries"] == 2
-    second = client.get("/api/jobs", params={"limit": 1, "offset": 1}).json()
-    assert [j["job_id"] for j in second["jobs"]] == ["mask2former_pipeline/manual__1/export"]
-    page = client.get("/", params={"limit": 1}).text
-    assert "manual__1/train" in page and "manual__1/export" not in page and "offset=1&amp;limit=1" in page
+def test_list_is_newest_run_first_and_limit_pages_it(client, tmp_path):
+    """Runs newest first by when they were due (the metadata database), a run's tasks by name."""
+    write_job(tmp_path / "results", "mask2former_pipeline/manual__2/train", metrics={"mIoU": 1.0})
+
+    def order(run_order, **params):
+        client.app.dependency_overrides[plugin.current_access] = lambda: plugin.Access(
+            dag_ids=None, recorded_roots={}, run_order=run_order)
+        return client.get("/api/jobs", params=params).json()
+
+    first, second = ("mask2former_pipeline", "manual__1"), ("mask2former_pipeline", "manual__2")
+    listed = order({first: 2.0, second: 1.0})
+    assert [j["job_id"] for j in listed["jobs"]] == ["mask2former_pipeline/manual__1/train",
+                                                     "mask2former_pipeline/manual__1/export",
+                                                     "mask2former_pipeline/manual__2/train"]
+    assert [j["job_id"] for j in order({first: 1.0, second: 2.0})["jobs"]][0] == "mask2former_pipeline/manual__2/train"
+    page = order({first: 1.0, second: 2.0}, limit=1, offset=1)
+    assert [j["job_id"] for j in page["jobs"]] == ["mask2former_pipeline/manual__1/train"]
+    assert page["total_entries"] == 3
+    text = client.get("/", params={"limit": 1}).text
+    assert "manual__2/train" in text and "manual__1/export" not in text and "offset=1&amp;limit=1" in text
     assert client.get("/api/jobs", params={"limit": 0}).status_code == 422
 
 

@@ -83,9 +83,23 @@ def client(monkeypatch, moto_endpoint, s3_jobs):
     monkeypatch.setenv("MASK2FORMER_RESULTS_ROOT", s3_jobs.root)
     app = plugin.build_app()
     app.dependency_overrides[plugin.require_user] = lambda: object()
+    app.dependency_overrides[plugin.current_access] = lambda: access_of(s3_jobs)
     test_client = TestClient(app)
     test_client.event_hooks = {"request": [], "response": [refuse_secrets]}
     return test_client
+
+
+#: Results roots that runs recorded (XCom mask2former_job_location), besides the test's other bucket.
+RECORDED_ROOTS = ("s3://no-such-bucket-m2f/results", "s3://no-such-bucket-m2f/x", "s3:///results",
+                  "s3://bad bucket/results")
+
+
+def access_of(s3_jobs, *, dag_ids=None, conn_id="aws_default") -> "plugin.Access":
+    """What the auth manager and the metadata database give a user who may read ``dag_ids`` (None: all):
+    the runs' start times (newest: run_c, then run_a, then run_b) and the roots they recorded."""
+    return plugin.Access(dag_ids=dag_ids, recorded_roots={s3_jobs.other_root: conn_id,
+                                                          **{root: "aws_default" for root in RECORDED_ROOTS}},
+                         run_order={("pipe", "run_c"): 3.0, ("pipe", "run_a"): 2.0, ("pipe", "run_b"): 1.0})
 
 
 def job_ids(listing) -> list:
@@ -126,7 +140,7 @@ def test_job_page_shows_metrics_the_plot_and_the_images_of_an_s3_job(client, s3_
     assert "<td>panoptic.SQ</td><td>70</td>" in page.text and ", published" in page.text
     assert f"{s3_jobs.root}/pipe/run_b/train" in page.text
     assert "src='/mask2former/files/pipe/run_b/train/overlay.png'" in page.text
-    assert f"overlay.png ({len(IMAGE)} bytes)" in page.text and "spec.yaml" in page.text
+    assert f"overlay.png</a> ({len(IMAGE)} bytes)" in page.text and "spec.yaml" in page.text
     mapped = client.get("/jobs/pipe/run_c/trial.map0")
     assert mapped.status_code == 200 and "<td>mIoU</td><td>9.25</td>" in mapped.text
 
@@ -230,7 +244,7 @@ def test_one_s3_client_serves_the_requests_until_the_connection_changes(client, 
     clients = []
     create = S3Hook.get_conn
     monkeypatch.setattr(S3Hook, "get_conn", lambda hook: clients.append(create(hook)) or clients[-1])
-    plugin._cached_hook.clear()
+    plugin._cached_hooks.clear()
     for _ in range(3):
         assert client.get("/api/jobs").status_code == 200
     assert len({id(c) for c in clients}) == 1
@@ -238,4 +252,39 @@ def test_one_s3_client_serves_the_requests_until_the_connection_changes(client, 
     assert client.get("/api/jobs").status_code == 502 and len({id(c) for c in clients}) == 2
     set_connection(monkeypatch, moto_endpoint)
     assert client.get("/api/jobs").status_code == 200 and len({id(c) for c in clients}) == 3
-    assert SECRET_KEY not in str(plugin._cached_hook)
+    assert SECRET_KEY not in str(plugin._cached_hooks)
+
+
+def test_a_root_no_readable_run_recorded_is_refused(client, s3_jobs):
+    """As a viewer tried: a bucket the deployment's credentials reach, named in ``root``."""
+    stranger = s3_jobs.other_root.replace("/team/results", "/elsewhere")
+    for url in ("/api/jobs", "/jobs/pipe/run_x/train", "/files/pipe/run_x/train/secrets.json"):
+        assert client.get(url, params={"root": stranger}).status_code == 403, url
+
+
+def test_a_user_sees_only_jobs_of_dags_they_may_read(client, s3_jobs):
+    client.app.dependency_overrides[plugin.current_access] = lambda: access_of(s3_jobs, dag_ids=frozenset({"other"}))
+    assert client.get("/api/jobs").json()["jobs"] == []
+    assert client.get("/jobs/pipe/run_b/train").status_code == 404
+    assert client.get("/files/pipe/run_b/train/spec.yaml").status_code == 404
+    client.app.dependency_overrides[plugin.current_access] = lambda: access_of(s3_jobs, dag_ids=frozenset({"pipe"}))
+    assert job_ids(client.get("/api/jobs").json()) == ["pipe/run_c/trial.map0", "pipe/run_a/train", "pipe/run_b/train"]
+
+
+def test_only_the_projects_files_are_served(client, s3_jobs, moto_endpoint):
+    s3_client(moto_endpoint).put_object(Bucket=s3_jobs.bucket, Key=f"{PREFIX}/pipe/run_b/train/secrets.json",
+                                        Body=NOT_SERVED.encode())
+    assert client.get("/files/pipe/run_b/train/secrets.json").status_code == 404
+    assert client.get("/files/pipe/run_b/train/status.json").status_code == 200
+
+
+def test_a_runs_root_is_read_through_the_runs_own_connection(client, s3_jobs, monkeypatch, moto_endpoint):
+    """aws_default cannot reach the run's bucket; the connection the run published with can."""
+    connection = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET_KEY,
+                  "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
+    monkeypatch.setenv("AIRFLOW_CONN_TEAM_S3", json.dumps(connection))
+    set_connection(monkeypatch, f"http://127.0.0.1:{free_port()}", config_kwargs={"retries": {"max_attempts": 1}})
+    client.app.dependency_overrides[plugin.current_access] = lambda: access_of(s3_jobs, conn_id="team_s3")
+    listing = client.get("/api/jobs", params={"root": s3_jobs.other_root})
+    assert listing.status_code == 200 and job_ids(listing.json()) == ["pipe/run_x/train"]
+    assert client.get("/api/jobs").status_code == 502  # the configured root, through aws_default

@@ -49,8 +49,8 @@ def pipeline(airflow_db):
 
 def run_conf(dataset: Path, results: Path, **extra):
     conf = {"train_datasets": str(dataset / "train"), "eval_dataset": str(dataset / "val"),
-            "dataset_format": "coco_panoptic", "results_root": str(results), "num_classes": 13,
-            "spec_overrides": tiny_overrides(**{"dataset.val.batch_size": 2}), "num_epochs": 1}
+            "dataset_format": "coco_panoptic", "results_root": str(results), "model.sem_seg_head.num_classes": 13,
+            "spec_overrides": tiny_overrides(**{"dataset.val.batch_size": 2}), "train.num_epochs": 1}
     conf.update(extra)
     return conf
 
