@@ -113,7 +113,7 @@ def test_trigger_form_mirrors_the_schemas(bag):
 
     def leaves(node, prefix=""):
         for name, sub in node.get("properties", {}).items():
-            if sub.get("type") == "object":
+            if sub.get("type") == "object" and "properties" in sub:  # a section, not a free-form mapping
                 yield from leaves(sub, f"{prefix}{name}.")
             else:
                 yield f"{prefix}{name}", sub
