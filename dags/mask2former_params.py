@@ -22,7 +22,10 @@ _SCHEMA_KEYWORDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "m
 #: Form field -> (action whose schema holds the key, dotted spec key, form section, title).
 SPEC_PARAMS: Dict[str, tuple] = {
     "mode": ("train", "model.mode", "Model", "Segmentation mode"),
-    "backbone": ("train", "model.backbone.swin.type", "Model", "Swin backbone"),
+    "backbone_type": ("train", "model.backbone.type", "Model", "Backbone family"),
+    "backbone": ("train", "model.backbone.swin.type", "Model", "Swin variant (backbone family swin)"),
+    "efficientvit_name": ("train", "model.backbone.efficientvit.name", "Model",
+                          "EfficientViT variant (backbone family efficientvit)"),
     "num_classes": ("train", "model.sem_seg_head.num_classes", "Model", "Number of classes"),
     "num_epochs": ("train", "train.num_epochs", "Training", "Epochs"),
     "learning_rate": ("train", "train.optim.lr", "Training", "Learning rate"),

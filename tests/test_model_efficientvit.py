@@ -135,3 +135,41 @@ def test_import_weights_infers_the_variant_and_writes_a_loadable_checkpoint(tmp_
     model, config = build_model_from_checkpoint(output)
     assert config.backbone.type == "efficientvit" and config.backbone.efficientvit.name == "b1"
     assert model.backbone.out_channels["res5"] == 256
+
+
+def test_parameter_count_and_memory_estimate_follow_the_variant():
+    from mask2former.resources import count_parameters, estimate_training_memory
+
+    for name in ("b0", "l0"):
+        config = _model_config(name)
+        with torch.device("meta"):
+            built = sum(p.numel() for p in build_model(config).parameters())
+        assert count_parameters(config) == built, name
+    spec = {"model": {"backbone": {"type": "efficientvit", "efficientvit": {"name": "b2"}}},
+            "dataset": {"train": {"img_dir": "/d/images.tar.gz", "panoptic_json": "/d/a.json",
+                                  "panoptic_dir": "/d/p.tar.gz", "batch_size": 2}, "label_map": "/d/l.json"}}
+    small, large = (estimate_training_memory(load_spec("train", spec=spec, overrides={
+        "model.backbone.efficientvit.name": name})) for name in ("b0", "l2"))
+    assert 0 < small.breakdown["activations_backbone"] < large.breakdown["activations_backbone"]
+    assert any("efficientvit.name" in lever for lever in large.levers)
+
+
+def test_taos_spec_with_efficientvit_l2_builds_taos_network():
+    """TAO's experiment spec (semantic, 200 queries, GN) switched to ``backbone.type: efficientvit`` with its
+    ``efficientvit.name: l2`` block: TAO's stage channels 64/128/256/512 at strides 4-32."""
+    spec = {"model": {"mode": "semantic",
+                      "backbone": {"type": "efficientvit", "swin": {"type": "large", "window_size": 12, "ape": False,
+                                                                    "pretrain_img_size": 384},
+                                   "efficientvit": {"name": "l2"}},
+                      "mask_former": {"num_object_queries": 200}, "sem_seg_head": {"norm": "GN"}},
+            "export": {"checkpoint": "unused.pth"}}
+    config = load_spec("export", spec=spec).model
+    with torch.device("meta"):
+        model = build_model(config)
+    assert model.backbone.name == "l2"
+    assert model.backbone.out_channels == {"res2": 64, "res3": 128, "res4": 256, "res5": 512}
+    assert model.backbone.out_strides == {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    backbone_params = sum(p.numel() for p in model.backbone.parameters())
+    assert backbone_params == 49_090_208  # the MIT release's l2 (63.7 M) without its 14.6 M classifier
+    print(f"TAO spec, efficientvit l2: backbone {backbone_params:,} parameters, "
+          f"Mask2Former {sum(p.numel() for p in model.parameters()):,}")

@@ -90,6 +90,7 @@ def test_trigger_form_mirrors_the_schemas(bag):
 
     params = bag.dags["mask2former_pipeline"].params
     expected = {"mode": "model.mode", "backbone": "model.backbone.swin.type",
+                "backbone_type": "model.backbone.type", "efficientvit_name": "model.backbone.efficientvit.name",
                 "num_classes": "model.sem_seg_head.num_classes", "num_epochs": "train.num_epochs",
                 "learning_rate": "train.optim.lr"}
     for name, key in expected.items():

@@ -180,7 +180,7 @@ class LiteMLA(nn.Module):
         qkv = self.qkv(x)
         qkv = torch.cat([qkv] + [aggregate(qkv) for aggregate in self.aggreg], dim=1)
         batch, _, height, width = qkv.shape
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type="cuda" if x.is_cuda else "cpu", enabled=False):
             tokens = qkv.float().reshape(batch, -1, 3 * self.head_dim, height * width)  # [B, heads, 3d, N]
             q, k, v = tokens.split(self.head_dim, dim=2)
             q, k = F.relu(q), F.relu(k)
