@@ -61,6 +61,8 @@ def test_efficientvit_backbone_learns(tmp_path):
     losses = [line["kpi"]["loss"] for line in lines if line["message"].startswith("Epoch ")]
     mious = [line["kpi"]["mIoU"] for line in lines if line["message"].startswith("Validation")]
     assert losses[-1] < 0.5 * losses[0], losses
+    # Measured: mIoU 8.4 after epoch 1, best 38.6 (epoch 10); the loss 33.5 -> below 16. From scratch with the
+    # backbone at 0.1 x lr it learns more slowly than the tiny Swin, so the bar is lower than Swin's 55.
     assert mious[0] < 15 and max(mious) > 2.5 * mious[0] and max(mious) > MIN_EFFICIENTVIT_MIOU, mious
 
 
