@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.add_argument("--check", action="store_true", help="Fail (exit 1) when a generated file is stale.")
     schemas.add_argument("--root", default=str(REPO_ROOT), help="Repository root to write into.")
     if importlib.util.find_spec("mask2former.model.weights") is not None:
-        imp = sub.add_parser("import-weights", help="Convert Hugging Face, detectron2, official Swin or TAO weights "
-                                                    "into a checkpoint of this tool.")
-        imp.add_argument("--format", required=True, choices=["hf", "detectron2", "swin", "tao"])
+        imp = sub.add_parser("import-weights", help="Convert Hugging Face, detectron2, official Swin, EfficientViT or "
+                                                    "TAO weights into a checkpoint of this tool.")
+        imp.add_argument("--format", required=True, choices=["hf", "detectron2", "swin", "tao", "efficientvit"])
         imp.add_argument("source")
         imp.add_argument("output")
         imp.add_argument("-e", "--experiment-spec", dest="spec", help="Spec whose model section describes the "

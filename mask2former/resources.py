@@ -29,7 +29,11 @@ Memory estimate. :func:`estimate_training_memory` adds, per training process:
                         (P = dec_layers predictions, N_l = mean of N_1, N_2, N_3)
       criterion         7.49 * P' T points    (P' = P with deep supervision else 1, T masks per image)
 
-  Under fp16/bf16 the backbone term is multiplied by 0.80 and the decoder term by 1.47 (measured with CPU
+  An EfficientViT backbone (``model.backbone.type: efficientvit``) keeps ``a_v * H * W`` elements
+  (``use_checkpoint``: ``c_v * H * W`` plus one stage recomputed at a time), with per-variant ``a_v``/``c_v``
+  counted with ``saved_tensors_hooks`` on the meta device at 256x256 and 256x512 (parameters excluded;
+  the network is convolutional and its attention linear, so the count scales with the pixels);
+  its parameters are counted per variant. Under fp16/bf16 the backbone term is multiplied by 0.80 and the decoder term by 1.47 (measured with CPU
   bf16 autocast: casts are kept beside float32 inputs); the pixel decoder and the loss stay float32;
 * the backward pass's transient buffers, 0.35 x the activations, and the runtime itself (kernels, allocator
   caches: 134 MB on CPU; 1 GiB assumed on CUDA for the context, cuBLAS/cuDNN workspaces and fragmentation).
@@ -148,8 +152,10 @@ def memory_levers(config: Any = None) -> List[str]:
     keys already at their memory-saving setting are left out."""
     if config is None:
         return ["lower dataset.train.batch_size", "lower dataset.augmentation.train_crop_size",
-                "choose a smaller model.backbone.swin.type (tiny < small < base < large)",
-                "set model.backbone.swin.use_checkpoint to true (activation checkpointing)",
+                "choose a smaller model.backbone.swin.type (tiny < small < base < large) or "
+                "model.backbone.efficientvit.name (b0 < b1 < b2 < l0 < l1 < b3 < l2 < l3)",
+                "set model.backbone.swin.use_checkpoint (or efficientvit.use_checkpoint) to true (activation "
+                "checkpointing)",
                 "set train.precision to bf16 or fp16", "lower model.mask_former.train_num_points"]
     levers = []
     batch = _get(config, "dataset.train.batch_size")
@@ -157,12 +163,19 @@ def memory_levers(config: Any = None) -> List[str]:
         levers.append(f"lower dataset.train.batch_size (now {batch})")
     crop = _get(config, "dataset.augmentation.train_crop_size")
     levers.append(f"lower dataset.augmentation.train_crop_size (now {crop})")
-    swin_type = _get(config, "model.backbone.swin.type")
-    if swin_type != "tiny":
-        levers.append(f"choose a smaller model.backbone.swin.type (now {swin_type}; tiny < small < base < large)")
-    if not _get(config, "model.backbone.swin.use_checkpoint"):
-        levers.append("set model.backbone.swin.use_checkpoint to true (activation checkpointing, about a third "
-                      "more compute)")
+    family = _get(config, "model.backbone.type") or "swin"
+    if family == "efficientvit":
+        name = _get(config, "model.backbone.efficientvit.name")
+        if name != "b0":
+            levers.append(f"choose a smaller model.backbone.efficientvit.name (now {name}; "
+                          "b0 < b1 < b2 < l0 < l1 < b3 < l2 < l3)")
+    else:
+        swin_type = _get(config, "model.backbone.swin.type")
+        if swin_type != "tiny":
+            levers.append(f"choose a smaller model.backbone.swin.type (now {swin_type}; tiny < small < base < large)")
+    if not _get(config, f"model.backbone.{family}.use_checkpoint"):
+        levers.append(f"set model.backbone.{family}.use_checkpoint to true (activation checkpointing, about a "
+                      "third more compute)")
     precision = _get(config, "train.precision")
     if precision in (None, "fp32"):
         levers.append("set train.precision to bf16 or fp16 (now fp32)")
@@ -229,11 +242,29 @@ def _swin_parameters(swin: Any) -> int:
     return total
 
 
-def _pixel_decoder_parameters(model_cfg: Any) -> int:
+#: Parameters of each EfficientViT backbone (mask2former.model.backbone.efficientvit, classification head
+#: excluded), and its stage widths res2..res5.
+_EFFICIENTVIT_PARAMETERS = {"b0": 682_608, "b1": 4_643_936, "b2": 14_977_008, "b3": 38_997_440,
+                            "l0": 27_805_472, "l1": 38_037_280, "l2": 49_090_208, "l3": 193_998_144}
+_EFFICIENTVIT_WIDTHS = {"b0": (16, 32, 64, 128), "b1": (32, 64, 128, 256), "b2": (48, 96, 192, 384),
+                        "b3": (64, 128, 256, 512), "l0": (64, 128, 256, 512), "l1": (64, 128, 256, 512),
+                        "l2": (64, 128, 256, 512), "l3": (128, 256, 512, 1024)}
+
+
+def _backbone_widths(model_cfg: Any) -> Tuple[int, int, int, int]:
+    """Channels of res2..res5."""
+    if getattr(model_cfg.backbone, "type", "swin") == "efficientvit":
+        return _EFFICIENTVIT_WIDTHS[model_cfg.backbone.efficientvit.name]
     c = model_cfg.backbone.swin.embed_dim
+    return (c, 2 * c, 4 * c, 8 * c)
+
+
+def _pixel_decoder_parameters(model_cfg: Any) -> int:
+    widths = _backbone_widths(model_cfg)
+    c = widths[0]
     d = model_cfg.sem_seg_head.convs_dim
     heads = model_cfg.mask_former.nheads
-    total = sum(c * 2 ** s * d + d + 2 * d for s in (1, 2, 3))  # input projections (conv + GN)
+    total = sum(widths[s] * d + d + 2 * d for s in (1, 2, 3))  # input projections (conv + GN)
     total += _LEVELS * d  # level embedding
     layer = (d * heads * _LEVELS * _ENCODER_POINTS * 2 + heads * _LEVELS * _ENCODER_POINTS * 2  # offsets
              + d * heads * _LEVELS * _ENCODER_POINTS + heads * _LEVELS * _ENCODER_POINTS  # attention weights
@@ -267,9 +298,12 @@ def count_parameters(model_cfg: Any) -> int:
     model is built). Swin keys left null take their preset's values."""
     from .config.model import resolve_swin
 
-    resolve_swin(model_cfg.backbone.swin)
-    return _swin_parameters(model_cfg.backbone.swin) + _pixel_decoder_parameters(model_cfg) + \
-        _decoder_parameters(model_cfg)
+    if getattr(model_cfg.backbone, "type", "swin") == "efficientvit":
+        backbone = _EFFICIENTVIT_PARAMETERS[model_cfg.backbone.efficientvit.name]
+    else:
+        resolve_swin(model_cfg.backbone.swin)
+        backbone = _swin_parameters(model_cfg.backbone.swin)
+    return backbone + _pixel_decoder_parameters(model_cfg) + _decoder_parameters(model_cfg)
 
 
 # ------------------------------------------------------------------------------------------- estimate
@@ -285,6 +319,10 @@ _CRITERION_POINTS = 7.49
 _HALF_BACKBONE, _HALF_DECODER = 0.80, 1.47
 _BACKWARD_TRANSIENT = 0.35
 _RUNTIME_BYTES = {"cpu": 134_000_000, "cuda": 1 << 30}
+#: EfficientViT: float32 elements per input pixel kept for backward (a_v), and with use_checkpoint (c_v).
+_EFFICIENTVIT_ACTIVATIONS = {"b0": (144.3, 11.0), "b1": (351.9, 21.0), "b2": (703.0, 36.0), "b3": (1284.8, 58.5),
+                             "l0": (617.8, 38.0), "l1": (701.9, 41.0), "l2": (870.0, 50.0), "l3": (1737.0, 97.0)}
+_EFFICIENTVIT_LEVELS = 5  # stem and four stages; checkpointing recomputes about one at a time
 _FLOAT = 4
 
 
@@ -315,21 +353,13 @@ def _grid(size: int, stride: int) -> int:
 def _activation_elements(cfg: Any, *, height: int, width: int, masks_per_image: int) -> Dict[str, float]:
     """Float32 elements kept for backward per image, by component."""
     model = cfg.model
-    swin = model.backbone.swin
-    w = swin.window_size
-    patch = swin.patch_size
-    tokens, padded = [], []
-    for s in range(4):
-        rows, cols = _grid(height, patch * 2 ** s), _grid(width, patch * 2 ** s)
-        tokens.append(rows * cols)
-        padded.append(_grid(rows, w) * w * _grid(cols, w) * w)
-    widths = [swin.embed_dim * 2 ** s for s in range(4)]
-    token_term = sum(swin.depths[s] * tokens[s] * widths[s] for s in range(4))
-    attention_term = sum(swin.depths[s] * padded[s] * w * w * swin.num_heads[s] for s in range(4))
-    if swin.use_checkpoint:
-        backbone = _BACKBONE_CHECKPOINTED * token_term
+    if getattr(model.backbone, "type", "swin") == "efficientvit":
+        tokens = [_grid(height, 4 * 2 ** s) * _grid(width, 4 * 2 ** s) for s in range(4)]
+        evit = model.backbone.efficientvit
+        full, checkpointed = _EFFICIENTVIT_ACTIVATIONS[evit.name]
+        backbone = (checkpointed if evit.use_checkpoint else full) * height * width
     else:
-        backbone = _BACKBONE_TOKEN * token_term + _BACKBONE_ATTENTION * attention_term
+        backbone, tokens = _swin_activation_elements(model.backbone.swin, height=height, width=width)
     head = model.sem_seg_head
     d, enc_tokens = head.convs_dim, tokens[1] + tokens[2] + tokens[3]
     pixel = (_PIXEL_SAMPLING * head.transformer_enc_layers * enc_tokens * d
@@ -348,8 +378,29 @@ def _activation_elements(cfg: Any, *, height: int, width: int, masks_per_image: 
     return {"backbone": backbone, "pixel_decoder": pixel, "transformer_decoder": decoder, "criterion": criterion}
 
 
+def _swin_activation_elements(swin: Any, *, height: int, width: int) -> Tuple[float, List[int]]:
+    """(backbone elements, tokens at strides 4..32) of a Swin backbone."""
+    w = swin.window_size
+    patch = swin.patch_size
+    tokens, padded = [], []
+    for s in range(4):
+        rows, cols = _grid(height, patch * 2 ** s), _grid(width, patch * 2 ** s)
+        tokens.append(rows * cols)
+        padded.append(_grid(rows, w) * w * _grid(cols, w) * w)
+    widths = [swin.embed_dim * 2 ** s for s in range(4)]
+    token_term = sum(swin.depths[s] * tokens[s] * widths[s] for s in range(4))
+    attention_term = sum(swin.depths[s] * padded[s] * w * w * swin.num_heads[s] for s in range(4))
+    if swin.use_checkpoint:
+        return _BACKBONE_CHECKPOINTED * token_term, tokens
+    return _BACKBONE_TOKEN * token_term + _BACKBONE_ATTENTION * attention_term, tokens
+
+
 def _checkpoint_recompute_elements(cfg: Any, *, height: int, width: int) -> float:
-    """Activations of the largest Swin block, rebuilt during backward under activation checkpointing."""
+    """Activations of the largest Swin block (EfficientViT: about one stage), rebuilt during backward under
+    activation checkpointing."""
+    if getattr(cfg.model.backbone, "type", "swin") == "efficientvit":
+        full, _ = _EFFICIENTVIT_ACTIVATIONS[cfg.model.backbone.efficientvit.name]
+        return full * height * width / _EFFICIENTVIT_LEVELS
     swin = cfg.model.backbone.swin
     w, patch = swin.window_size, swin.patch_size
     largest = 0.0
@@ -389,7 +440,8 @@ def estimate_training_memory(cfg: Any, *, device_type: str = "cpu",
         breakdown[f"activations_{name}"] = int(round(elements * batch * _FLOAT))
         activations += breakdown[f"activations_{name}"]
     transient = _BACKWARD_TRANSIENT * activations
-    if cfg.model.backbone.swin.use_checkpoint:
+    family = getattr(cfg.model.backbone, "type", "swin")
+    if getattr(cfg.model.backbone, family).use_checkpoint:
         transient += _checkpoint_recompute_elements(cfg, height=height, width=width) * batch * _FLOAT
     breakdown["backward_transient"] = int(round(transient))
     breakdown["runtime"] = _RUNTIME_BYTES[device_type]

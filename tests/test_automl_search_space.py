@@ -149,6 +149,15 @@ def test_booleans_and_enums_can_be_added():
     assert {o["model.mask_former.deep_supervision"] for o in drawn} == {True, False}
 
 
+
+def test_backbone_family_and_variant_can_be_searched():
+    space = space_with(add=["model.backbone.type", "model.backbone.efficientvit.name"])
+    drawn, _ = samples(space, seed=5, n=40)
+    assert {o["model.backbone.type"] for o in drawn} == {"swin", "efficientvit"}
+    assert {o["model.backbone.efficientvit.name"] for o in drawn} >= {"b0", "b2", "l1", "l2"}
+    for overrides in drawn[:5]:
+        config = load_spec("train", overrides={**DATA, **overrides})
+        assert config.model.backbone.type == overrides["model.backbone.type"]
 @FAST
 @given(seed=st.integers(0, 2**31 - 1))
 def test_hidden_dim_is_a_multiple_of_the_sampled_nheads(seed):

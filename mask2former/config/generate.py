@@ -18,12 +18,13 @@ from .schema import action_schema, defaults_for, is_section, iter_leaves
 
 MONITORING_METRIC = "mIoU"
 
-# Keys AutoML must never vary: data locations, devices, bookkeeping and the epoch budget it owns.
+# Keys AutoML must never vary: data locations, devices, bookkeeping and the epoch budget it owns. The backbone
+# family (model.backbone.type) may be added to a search; trials of a family other than pretrained_weights fail.
 _AUTOML_NEVER = (
     "results_dir", "train.num_gpus", "train.gpu_ids", "train.num_nodes", "train.seed", "train.num_epochs",
     "train.checkpoint_interval", "train.checkpoint_interval_unit", "train.validation_interval",
     "train.resume_training_checkpoint_path", "train.pretrained_model_path", "train.freeze",
-    "train.distributed_strategy", "model.sem_seg_head.num_classes", "model.mode", "model.backbone.type",
+    "train.distributed_strategy", "model.sem_seg_head.num_classes", "model.mode",
     "model.backbone.pretrained_weights", "dataset.label_map", "dataset.contiguous_id", "dataset.pixel_mean",
     "dataset.pixel_std", "encryption_key", "model.backbone.pretrained_weights_sha256",
     "train.pretrained_model_sha256",

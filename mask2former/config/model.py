@@ -1,4 +1,4 @@
-"""The `model` section: Swin backbone, pixel decoder, masked-attention decoder, loss weights."""
+"""The `model` section: Swin or EfficientViT backbone, pixel decoder, masked-attention decoder, loss weights."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ SWIN_PRESETS = {
     "large": {"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48]},
 }
 FEATURE_NAMES = ["res2", "res3", "res4", "res5"]
+EFFICIENTVIT_NAMES = ["b0", "b1", "b2", "b3", "l0", "l1", "l2", "l3"]
 
 
 @dataclass
@@ -66,17 +67,37 @@ class SwinConfig:
 
 
 @dataclass
+class EfficientViTConfig:
+    name: str = spec_field("l0", description="EfficientViT variant (MIT Han Lab): b0-b3 or l0-l3.",
+                           enum=EFFICIENTVIT_NAMES, popular=True)
+    out_indices: List[int] = spec_field(
+        [1, 2, 3], description="Accepted as in TAO's spec; the outputs passed on are chosen by out_features.",
+        minimum=0, maximum=4,
+    )
+    pretrain_img_size: int = spec_field(384, description="Accepted as in TAO's spec; EfficientViT has no position "
+                                                         "embedding, so any input size works.", minimum=32)
+    use_checkpoint: bool = spec_field(False, description="Activation checkpointing in the EfficientViT blocks "
+                                                         "(saves memory, costs about a third more compute).")
+    out_features: List[str] = spec_field(
+        list(FEATURE_NAMES), description="Backbone outputs passed on (all four are needed by the decoder).",
+        min_items=4, max_items=4, enum=FEATURE_NAMES,
+    )
+
+
+@dataclass
 class BackboneConfig:
-    type: str = spec_field("swin", description="Backbone family.", enum=["swin"])
+    type: str = spec_field("swin", description="Backbone family.", enum=["swin", "efficientvit"])
     pretrained_weights: Optional[str] = spec_field(
-        None, description="Official Swin checkpoint (.pth, weights under 'model'): path, file://, s3:// or https://.",
+        None, description="Official ImageNet checkpoint of the backbone: Swin .pth (weights under 'model'), or "
+                          "EfficientViT .pt of the MIT release or timm's naming; path, file://, s3:// or https://.",
         nullable=True, popular=True,
     )
     pretrained_weights_sha256: Optional[str] = spec_field(
         None, description="Expected SHA-256 (64 hex digits) of pretrained_weights; a download or file that differs "
                           "is refused.", nullable=True,
     )
-    swin: SwinConfig = section(SwinConfig, "Swin Transformer settings.")
+    swin: SwinConfig = section(SwinConfig, "Swin Transformer settings (type swin).")
+    efficientvit: EfficientViTConfig = section(EfficientViTConfig, "EfficientViT settings (type efficientvit).")
 
 
 @dataclass
@@ -169,4 +190,4 @@ def resolve_swin(swin: SwinConfig, *, preset_wins: bool = False) -> List[str]:
     return replaced
 
 
-ARCHITECTURE_KEYS = ("backbone.swin", "sem_seg_head", "mask_former")
+ARCHITECTURE_KEYS = ("backbone.type", "backbone.swin", "backbone.efficientvit", "sem_seg_head", "mask_former")

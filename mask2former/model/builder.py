@@ -1,14 +1,15 @@
 """Build the network from the spec's ``model`` section, or part by part from keyword arguments.
 
-``build_model(model_config)`` reads only the architecture keys (``backbone.swin``, ``sem_seg_head``,
-``mask_former``) through attribute access, so the typed config and any object tree of the same shape
-(e.g. ``types.SimpleNamespace``) work. Loss weights and post-processing keys are not read here.
+``build_model(model_config)`` reads only the architecture keys (``backbone.type`` with ``backbone.swin`` or
+``backbone.efficientvit``, ``sem_seg_head``, ``mask_former``) through attribute access, so the typed config
+and any object tree of the same shape (e.g. ``types.SimpleNamespace``) work. Loss weights and post-processing keys are not read here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
+from .backbone.efficientvit import EfficientViT
 from .backbone.swin import FEATURE_NAMES, SwinTransformer, resolve_swin_architecture
 from .meta_arch import Mask2Former
 from .pixel_decoder.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
@@ -37,8 +38,14 @@ def build_backbone(*, type: Optional[str] = "tiny", embed_dim: Optional[int] = N
                            attn_drop_rate=attn_drop_rate)
 
 
-def build_mask2former(*, backbone: SwinTransformer, num_classes: int, convs_dim: int = 256, mask_dim: int = 256,
-                      transformer_enc_layers: int = 6,
+def build_efficientvit_backbone(*, name: str = "l0", out_features: Sequence[str] = FEATURE_NAMES,
+                                use_checkpoint: bool = False) -> EfficientViT:
+    """An EfficientViT backbone, variant ``name`` (b0-b3, l0-l3)."""
+    return EfficientViT(name=name, out_features=out_features, use_checkpoint=use_checkpoint)
+
+
+def build_mask2former(*, backbone: Union[SwinTransformer, EfficientViT], num_classes: int, convs_dim: int = 256,
+                      mask_dim: int = 256, transformer_enc_layers: int = 6,
                       transformer_in_features: Sequence[str] = ("res3", "res4", "res5"), common_stride: int = 4,
                       norm: str = "GN", num_queries: int = 100, hidden_dim: int = 256, nheads: int = 8,
                       dim_feedforward: int = 2048, dec_layers: int = 10, pre_norm: bool = False,
@@ -64,19 +71,25 @@ def build_mask2former(*, backbone: SwinTransformer, num_classes: int, convs_dim:
 def build_model(model_config: Any) -> Mask2Former:
     """The network described by a spec's ``model`` section (attribute access)."""
     backbone_type = model_config.backbone.type
-    if backbone_type != "swin":
-        raise ValueError(f"model.backbone.type {backbone_type!r} is not supported (expected 'swin').")
-    swin = model_config.backbone.swin
-    backbone = build_backbone(
-        type=swin.type, embed_dim=swin.embed_dim, depths=swin.depths, num_heads=swin.num_heads,
-        window_size=swin.window_size, patch_size=swin.patch_size, mlp_ratio=swin.mlp_ratio, qkv_bias=swin.qkv_bias,
-        drop_path_rate=swin.drop_path_rate, ape=swin.ape, patch_norm=swin.patch_norm,
-        out_features=swin.out_features, pretrain_img_size=swin.pretrain_img_size,
-        use_checkpoint=swin.use_checkpoint,
-        # TAO's keys; absent from the model config of checkpoints written before they existed
-        qk_scale=getattr(swin, "qk_scale", None), drop_rate=getattr(swin, "drop_rate", 0.0),
-        attn_drop_rate=getattr(swin, "attn_drop_rate", 0.0),
-    )
+    if backbone_type == "swin":
+        swin = model_config.backbone.swin
+        backbone = build_backbone(
+            type=swin.type, embed_dim=swin.embed_dim, depths=swin.depths, num_heads=swin.num_heads,
+            window_size=swin.window_size, patch_size=swin.patch_size, mlp_ratio=swin.mlp_ratio,
+            qkv_bias=swin.qkv_bias, drop_path_rate=swin.drop_path_rate, ape=swin.ape, patch_norm=swin.patch_norm,
+            out_features=swin.out_features, pretrain_img_size=swin.pretrain_img_size,
+            use_checkpoint=swin.use_checkpoint,
+            # TAO's keys; absent from the model config of checkpoints written before they existed
+            qk_scale=getattr(swin, "qk_scale", None), drop_rate=getattr(swin, "drop_rate", 0.0),
+            attn_drop_rate=getattr(swin, "attn_drop_rate", 0.0),
+        )
+    elif backbone_type == "efficientvit":
+        evit = model_config.backbone.efficientvit
+        backbone = build_efficientvit_backbone(name=evit.name, out_features=evit.out_features,
+                                               use_checkpoint=evit.use_checkpoint)
+    else:
+        raise ValueError(f"model.backbone.type {backbone_type!r} is not supported (expected 'swin' or "
+                         "'efficientvit').")
     head = model_config.sem_seg_head
     mf = model_config.mask_former
     return build_mask2former(

@@ -12,7 +12,6 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .backbone.swin import SwinTransformer
 from .pixel_decoder.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
 from .transformer_decoder.masked_decoder import MaskedTransformerDecoder
 
@@ -26,7 +25,7 @@ class Mask2Former(nn.Module):
 
     size_divisibility = 32  # the input size at which every stage's map is exactly H/stride x W/stride
 
-    def __init__(self, *, backbone: SwinTransformer, pixel_decoder: MSDeformAttnPixelDecoder,
+    def __init__(self, *, backbone: nn.Module, pixel_decoder: MSDeformAttnPixelDecoder,
                  transformer_decoder: MaskedTransformerDecoder) -> None:
         super().__init__()
         self.backbone = backbone

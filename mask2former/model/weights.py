@@ -13,6 +13,9 @@ Formats:
 - ``swin``: an official Swin classification checkpoint (weights under ``model``) -> backbone only.
 - ``tao``: a checkpoint of NVIDIA TAO's Mask2Former trainer (Lightning ``.pth``); its class head is re-laid
   out (:mod:`mask2former.model.tao_weights`).
+- ``efficientvit``: an EfficientViT classification checkpoint, the MIT release's ``.pt`` (weights under
+  ``state_dict`` as ``backbone.*``/``head.*``) or timm's naming (``stem.*``, ``stages.N.blocks.M``) ->
+  backbone only.
 
 ``cli_import_weights(args)`` implements ``python -m mask2former import-weights``.
 """
@@ -31,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .efficientvit_weights import infer_efficientvit_name, to_official_names
 from .tao_weights import relayout_class_head, swin_preset, tao_rules
 
-FORMATS = ("hf", "detectron2", "swin", "tao")
+FORMATS = ("hf", "detectron2", "swin", "tao", "efficientvit")
+BACKBONE_FORMATS = ("swin", "efficientvit")  # classification checkpoints that fill the backbone only
 CHECKPOINT_FORMAT_VERSION = 1
 CLASS_HEAD_KEYS = ("transformer_decoder.class_embed.weight", "transformer_decoder.class_embed.bias")
 
@@ -266,8 +271,12 @@ TAO_SKIP: List[Tuple[str, str]] = [
     (r"^criterion\.", REASON_LOSS),
 ]
 
+# Official names after efficientvit_weights.to_official_names (timm's are rewritten there first).
+EFFICIENTVIT_RULES: List[Rule] = [(r"^backbone\.", "backbone."), (r"^(input_stem|stages)\.", r"backbone.\1.")]
+EFFICIENTVIT_SKIP: List[Tuple[str, str]] = [(r"^head\.", REASON_CLS_HEAD)]
+
 _RULES = {"hf": (HF_RULES, HF_SKIP), "detectron2": (DETECTRON2_RULES, DETECTRON2_SKIP), "swin": (SWIN_RULES, SWIN_SKIP),
-          "tao": (TAO_RULES, TAO_SKIP)}
+          "tao": (TAO_RULES, TAO_SKIP), "efficientvit": (EFFICIENTVIT_RULES, EFFICIENTVIT_SKIP)}
 
 # Split projections fused into one parameter: (pattern of the renamed key, fused name, part order).
 _FUSED = [
@@ -282,6 +291,8 @@ def rename_state_dict(state: Mapping[str, torch.Tensor], format: str) -> Tuple[D
     if format not in _RULES:
         raise ValueError(f"unknown weight format {format!r}; expected one of {list(FORMATS)}.")
     rules, skips = _RULES[format]
+    if format == "efficientvit":
+        state = to_official_names(state)
     renamed: Dict[str, torch.Tensor] = {}
     skipped: Dict[str, str] = {}
     unmatched: List[str] = []
@@ -369,9 +380,10 @@ def load_renamed(model: nn.Module, renamed: Mapping[str, torch.Tensor], report: 
 
 def import_weights(model: nn.Module, source: Union[str, Path], format: str, *,
                    contiguous_id: bool = False) -> ImportReport:
-    """Load ``source`` of ``format`` ('hf', 'detectron2', 'swin' or 'tao') into ``model`` (a Mask2Former, or a
-    SwinTransformer for 'swin'); the model is changed in place. Never raises on key mismatches: read
-    the report. ``contiguous_id`` (tao only) is the ``dataset.contiguous_id`` the TAO model was trained with."""
+    """Load ``source`` of ``format`` ('hf', 'detectron2', 'swin', 'tao' or 'efficientvit') into ``model`` (a
+    Mask2Former, or a bare backbone for 'swin'/'efficientvit'); the model is changed in place. Never raises on
+    key mismatches: read the report. ``contiguous_id`` (tao only) is the ``dataset.contiguous_id`` the TAO model
+    was trained with."""
     if format not in FORMATS:
         raise ValueError(f"unknown weight format {format!r}; expected one of {list(FORMATS)}.")
     if format == "hf":
@@ -382,7 +394,7 @@ def import_weights(model: nn.Module, source: Union[str, Path], format: str, *,
     if format == "tao":
         relayout_class_head(renamed, contiguous_id=contiguous_id)
     report = ImportReport(source=str(source), format=format, unexpected=list(unmatched), skipped=dict(skipped))
-    if format == "swin":
+    if format in BACKBONE_FORMATS:
         if hasattr(model, "backbone"):
             return load_renamed(model, renamed, report, expected_prefix="backbone.")
         bare = {key[len("backbone."):]: value for key, value in renamed.items()}
@@ -438,11 +450,15 @@ def _count(renamed: Mapping[str, torch.Tensor], pattern: str) -> int:
 def model_overrides_from_state_dict(renamed: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     """Dotted spec keys inferred from tensor shapes of a renamed checkpoint (backbone, and the heads
     when present). ``pre_norm`` cannot be seen in shapes and keeps the spec default."""
+    if "backbone.patch_embed.proj.weight" not in renamed and any(k.startswith("backbone.stages.") for k in renamed):
+        out: Dict[str, Any] = {"model.backbone.type": "efficientvit",
+                               "model.backbone.efficientvit.name": infer_efficientvit_name(renamed)}
+        return _head_overrides(renamed, out)
     try:
         proj = renamed["backbone.patch_embed.proj.weight"]
     except KeyError:
-        raise ValueError("the checkpoint has no Swin patch embedding (patch_embed.proj.weight); is it a Swin "
-                         "checkpoint?") from None
+        raise ValueError("the checkpoint has no Swin patch embedding (patch_embed.proj.weight) nor EfficientViT "
+                         "stages; is it a Swin or EfficientViT checkpoint?") from None
     depths = [_count(renamed, rf"^backbone\.layers\.{i}\.blocks\.(\d+)\.") for i in range(4)]
     tables = [renamed[f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(4)]
     fc1 = renamed["backbone.layers.0.blocks.0.mlp.fc1.weight"]
@@ -457,6 +473,11 @@ def model_overrides_from_state_dict(renamed: Mapping[str, torch.Tensor]) -> Dict
         "model.backbone.swin.patch_norm": "backbone.patch_embed.norm.weight" in renamed,
         "model.backbone.swin.ape": "backbone.absolute_pos_embed" in renamed,
     }
+    return _head_overrides(renamed, out)
+
+
+def _head_overrides(renamed: Mapping[str, torch.Tensor], out: Dict[str, Any]) -> Dict[str, Any]:
+    """``out`` plus the pixel decoder and decoder keys when the checkpoint holds them."""
     if "transformer_decoder.class_embed.weight" not in renamed:
         return out
     query_feat = renamed["transformer_decoder.query_feat.weight"]
@@ -545,7 +566,7 @@ def save_checkpoint(model: nn.Module, model_config: Any, output: Union[str, Path
 
 
 def cli_import_weights(args: Any) -> int:
-    """``import-weights --format {hf,detectron2,swin,tao} SOURCE OUTPUT.pth [-e SPEC] [key=value ...]``.
+    """``import-weights --format {hf,detectron2,swin,tao,efficientvit} SOURCE OUTPUT.pth [-e SPEC] [key=value ...]``.
 
     Prints the import report; exit status 0 when written, 1 when nothing could be loaded, 2 when the
     source cannot be read or describes an architecture this tool cannot build.

@@ -8,6 +8,8 @@ Automatic rules (numerically sensitive parts of Mask2Former):
   positions), Sigmoid;
 - Div nodes that divide by a normalisation's statistics (the divisor comes from Sqrt, Pow or ReduceMean,
   possibly through an Add of epsilon);
+- EfficientViT's linear attention (nodes under a ``context_module`` scope): its MatMuls sum over every
+  position of the map and its Div normalises by such a sum plus 1e-15, which FP16 would round to zero;
 - the mask head: the MatMul/Einsum that multiplies the mask embeddings (``mask_embed``) with the per-pixel
   features, whose logits are thresholded at 0;
 - the export's post-processing tensor stage (every node outside the network's ``/model/`` scope:
@@ -30,6 +32,8 @@ FP32_OP_TYPES = frozenset({"Softmax", "LayerNormalization", "InstanceNormalizati
 NORMALISATION_SOURCES = frozenset({"Sqrt", "Pow", "ReduceMean"})
 MASK_HEAD_OPS = frozenset({"MatMul", "Einsum"})
 MASK_EMBED_SCOPE = "/mask_embed/"
+LINEAR_ATTENTION_SCOPE = "/context_module/"
+LINEAR_ATTENTION_OPS = frozenset({"MatMul", "Div", "Add"})
 NETWORK_SCOPE = "/model/"  # InferenceModel wraps the network as ``self.model``
 PRECISIONS = ("fp32", "fp16")
 
@@ -103,6 +107,8 @@ def automatic_reason(node: GraphNode, producers: Mapping[str, GraphNode]) -> Opt
         return f"op type {node.op_type}"
     if _is_normalisation_div(node, producers):
         return "division by normalisation statistics"
+    if node.op_type in LINEAR_ATTENTION_OPS and LINEAR_ATTENTION_SCOPE in node.name:
+        return "linear attention (sums over all positions)"
     if _is_mask_head(node, producers):
         return "mask head (mask embeddings x pixel features)"
     return None

@@ -1,4 +1,4 @@
-"""Where the weights of a training run start: official Swin weights for the backbone, a pretrained
+"""Where the weights of a training run start: official Swin or EfficientViT weights for the backbone, a pretrained
 Mask2Former checkpoint, and frozen parameters.
 
 File arguments here are LOCAL paths; remote URIs are fetched before (see mask2former.actions.train).
@@ -19,19 +19,24 @@ from .errors import TrainingSetupError
 log = logging.getLogger(__name__)
 
 
-def load_backbone_weights(model: nn.Module, path: Path) -> ImportReport:
-    """Official Swin classification weights (``model.backbone.pretrained_weights``) into the backbone."""
+def load_backbone_weights(model: nn.Module, path: Path, format: str = "swin") -> ImportReport:
+    """Official classification weights (``model.backbone.pretrained_weights``) into the backbone; ``format`` is
+    the backbone family ('swin': official Swin .pth; 'efficientvit': MIT .pt or timm naming)."""
+    family = "Swin" if format == "swin" else "EfficientViT"
     try:
-        report = import_weights(model, path, "swin")
+        report = import_weights(model, path, format)
     except (OSError, ValueError, KeyError) as error:
-        raise TrainingSetupError(f"model.backbone.pretrained_weights '{path}' cannot be read as an official Swin "
+        raise TrainingSetupError(f"model.backbone.pretrained_weights '{path}' cannot be read as an official {family} "
                                  f"checkpoint: {error}") from None
     if not report.loaded:
-        raise TrainingSetupError(f"model.backbone.pretrained_weights '{path}': no tensor fits the Swin backbone "
+        expected = ("an official Swin .pth with its weights under 'model'" if format == "swin" else
+                    "an EfficientViT .pt of the MIT release (backbone.* under 'state_dict') or timm's weights "
+                    "of the same variant")
+        raise TrainingSetupError(f"model.backbone.pretrained_weights '{path}': no tensor fits the {family} backbone "
                                  f"({len(report.unexpected)} unexpected keys, e.g. {report.unexpected[:3]}); "
-                                 "expected an official Swin .pth with its weights under 'model'.")
+                                 f"expected {expected}.")
     if report.missing:
-        log.warning("Swin weights %s do not cover %d backbone tensors (kept initialised): %s", path,
+        log.warning("%s weights %s do not cover %d backbone tensors (kept initialised): %s", family, path,
                     len(report.missing), ", ".join(report.missing[:8]))
     log.info("Loaded %d backbone tensors from %s", len(report.loaded), path)
     return report

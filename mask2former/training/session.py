@@ -143,7 +143,7 @@ def build_network(config: Any):
     model_cfg.backbone.pretrained_weights = None  # loaded below, with a report
     model = build_model(model_cfg)
     if backbone_weights:
-        load_backbone_weights(model, Path(backbone_weights))
+        load_backbone_weights(model, Path(backbone_weights), format=model_cfg.backbone.type)
     if config.train.pretrained_model_path:
         load_pretrained_model(model, Path(config.train.pretrained_model_path), encryption_key=config.encryption_key,
                               contiguous_id=config.dataset.contiguous_id)

@@ -1,5 +1,7 @@
-"""Backbones (Swin Transformer)."""
+"""Backbones (Swin Transformer, EfficientViT)."""
 
+from .efficientvit import EFFICIENTVIT_NAMES, EFFICIENTVIT_VARIANTS, EfficientViT
 from .swin import FEATURE_NAMES, SWIN_PRESETS, SwinTransformer
 
-__all__ = ["FEATURE_NAMES", "SWIN_PRESETS", "SwinTransformer"]
+__all__ = ["EFFICIENTVIT_NAMES", "EFFICIENTVIT_VARIANTS", "EfficientViT", "FEATURE_NAMES", "SWIN_PRESETS",
+           "SwinTransformer"]
