@@ -17,7 +17,7 @@ import difflib
 import functools
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jsonschema
 import yaml
@@ -95,20 +95,23 @@ def _all_section_keys() -> List[str]:
     return _walk_sections(_full_schema(), "", [])
 
 
-def _nearest_among(candidates: List[str], key: str, n: int) -> List[str]:
+def _nearest_among(candidates: List[str], key: str, n: int) -> Tuple[List[str], List[str]]:
+    """Keys close to ``key`` as a whole, then keys whose last part is (close to) ``key``'s last part."""
     close = difflib.get_close_matches(key, candidates, n=n, cutoff=0.6)
     last = key.rsplit(".", 1)[-1]
     same_leaf = [c for c in candidates if c.rsplit(".", 1)[-1] == last and c not in close]
     leaf_close = [c for c in candidates if c not in close and c not in same_leaf
                   and difflib.get_close_matches(last, [c.rsplit(".", 1)[-1]], n=1, cutoff=0.75)]
-    return (close + same_leaf + leaf_close)[:n]
+    return close, same_leaf + leaf_close
 
 
 def nearest_keys(action: str, key: str, n: int = 3) -> List[str]:
-    """Valid keys closest to a misspelt one: the action's own first, then those of every other section."""
-    own = _nearest_among(list(_leaves(action)) + _section_keys(action), key, n)
-    every = _nearest_among(list(_all_leaves()) + _all_section_keys(), key, n)
-    return (own + [k for k in every if k not in own])[:n]
+    """Valid keys closest to a misspelt one: keys close as a whole (the action's own first, then those of
+    every other section), then keys with a close last part."""
+    own_close, own_leaf = _nearest_among(list(_leaves(action)) + _section_keys(action), key, n)
+    every_close, every_leaf = _nearest_among(list(_all_leaves()) + _all_section_keys(), key, n)
+    ranked = own_close + every_close + own_leaf + every_leaf
+    return list(dict.fromkeys(ranked))[:n]
 
 
 def _unknown_key_error(action: str, key: str) -> SpecError:
