@@ -63,7 +63,8 @@ class StandInTensorRT:
     """Stand-in for ``import tensorrt`` (TensorRT 10 API surface used by the builder); records calls."""
 
     float32, float16, int32, int64 = "float32", "float16", "int32", "int64"
-    Logger = type("Logger", (), {"WARNING": "WARNING", "__init__": lambda self, level=None: setattr(self, "level", level)})
+    Logger = type("Logger", (), {"WARNING": "WARNING", "VERBOSE": "VERBOSE",
+                                 "__init__": lambda self, level=None: setattr(self, "level", level)})
     NetworkDefinitionCreationFlag = SimpleNamespace(EXPLICIT_BATCH=0)
     MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
     BuilderFlag = SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS", TF32="TF32")
@@ -360,3 +361,22 @@ def test_gen_trt_engine_on_a_cpu_machine_fails_at_once_in_one_sentence(tmp_path,
                        "machine has no CUDA GPU.")
     assert message.count(". ") == 0 and "Traceback" not in capsys.readouterr().err
     assert not (out / "model.engine").exists() and not (out / "engine_report.json").exists()
+
+
+def test_verbose_logs_the_builder_at_tensorrts_verbose_level(onnx_file, tmp_path):
+    trt = StandInTensorRT()
+    build_engine(_plan(onnx_file, tmp_path), trt=trt, verbose=True)
+    assert trt.calls[0] == ("Builder", "VERBOSE")
+
+
+def test_gpu_id_picks_the_build_device_among_the_visible_gpus(monkeypatch):
+    """CUDA cannot run here: the visible-GPU count is a stand-in value."""
+    import torch
+
+    from mask2former.errors import ActionError
+    from mask2former.tensorrt.builder import build_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert build_device(1) == "cuda:1"
+    with pytest.raises(ActionError, match=r"gen_trt_engine.gpu_id 2 names no GPU: 2 visible \(0..1; "):
+        build_device(2)

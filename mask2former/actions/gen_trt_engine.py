@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import torch
 
 from .. import results
 from ..checkpoint import CheckpointError, read_model_bytes
 from ..export.parity import check_parity, sample_inputs
 from ..runtime.onnx_runner import OnnxRunner
 from ..runtime.tensorrt_runner import TensorRTRunner
-from ..tensorrt.builder import EngineBuildError, build_engine, require_tensorrt
+from ..tensorrt.builder import EngineBuildError, build_device, build_engine, require_tensorrt
 from ..tensorrt.plan import BuildPlan, PlanError, make_build_plan
 from .job import ActionError, ActionResult, Job
 from ..model_files import require_model_key, resolve_model_file
@@ -55,6 +56,7 @@ def plan_for(config: Any, job: Job, *, onnx_file: Path) -> BuildPlan:
 @reports_resource_failures("gen_trt_engine")
 def run(config: Any, job: Job) -> ActionResult:
     trt = require_tensorrt()  # first: a CPU machine stops here, before anything is read
+    device = build_device(config.gen_trt_engine.gpu_id)
     onnx_file = resolve_model_file("gen_trt_engine.onnx_file", config.gen_trt_engine.onnx_file, "onnx")
     require_model_key(onnx_file, config.encryption_key)
     plan = plan_for(config, job, onnx_file=onnx_file)
@@ -65,11 +67,13 @@ def run(config: Any, job: Job) -> ActionResult:
         job.status.running(f"building a {plan.precision} engine for {plan.profile.max[2]}x{plan.profile.max[3]} "
                            f"inputs, batch {plan.profile.min[0]}..{plan.profile.max[0]}")
         try:
-            outcome = build_engine(plan, trt=trt, engine_file=str(built), encryption_key=config.encryption_key)
+            with torch.cuda.device(device):  # TensorRT builds on the current device
+                outcome = build_engine(plan, trt=trt, engine_file=str(built), verbose=config.gen_trt_engine.verbose,
+                                       encryption_key=config.encryption_key)
         except EngineBuildError as exc:
             raise ActionError(str(exc)) from exc
         job.status.running("checking the engine against onnxruntime")
-        engine = TensorRTRunner(built, device="cuda:0", trt=trt, encryption_key=config.encryption_key)
+        engine = TensorRTRunner(built, device=device, trt=trt, encryption_key=config.encryption_key)
         # fp32 reference on the CPU: onnxruntime's CUDA provider may use TF32, which the FP32 engine does not
         reference = OnnxRunner(plan.onnx_file, device="cpu", encryption_key=config.encryption_key)
         inputs = sample_inputs(batch=plan.parity_batch, channels=plan.profile.max[1], height=plan.profile.max[2],

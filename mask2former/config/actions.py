@@ -152,11 +152,10 @@ class GenTrtEngineConfig:
                                              nullable=True)
     batch_size: int = spec_field(-1, description="Batch size of the parity check inputs (-1: opt_batch_size).",
                                  minimum=-1)
-    gpu_id: int = spec_field(0, description="TAO: the GPU that builds the engine.", minimum=0,
-                             no_effect="the engine is built on the first visible GPU (select it with "
-                                       "CUDA_VISIBLE_DEVICES).")
-    verbose: bool = spec_field(False, description="TAO: TensorRT builder log at verbose level.",
-                               no_effect="the builder logs warnings and errors.")
+    gpu_id: int = spec_field(0, description="The GPU (among the visible ones) that builds and checks the engine.",
+                             minimum=0)
+    verbose: bool = spec_field(False, description="Log TensorRT's builder at its verbose level (else warnings "
+                                                  "and errors).")
     results_dir: Optional[str] = spec_field(
         None, description="This action's results folder, as TAO's update_results_dir: used when set, else "
                           "<results_dir>/gen_trt_engine (--results-dir and the operators name the job folder exactly).",

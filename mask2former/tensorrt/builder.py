@@ -65,6 +65,21 @@ def require_tensorrt(*, what: str = "gen_trt_engine") -> Any:
         raise ActionError(NEEDS_TENSORRT.replace("gen_trt_engine", what)) from None
 
 
+def build_device(gpu_id: int) -> str:
+    """The CUDA device an engine is built and checked on (TAO's ``gen_trt_engine.gpu_id``, among the visible
+    GPUs); raises ActionError naming the key when there is no such GPU."""
+    import torch
+
+    from ..errors import ActionError
+
+    visible = torch.cuda.device_count()
+    if gpu_id >= visible:
+        numbers = f"0..{visible - 1}; " if visible else ""
+        raise ActionError(f"gen_trt_engine.gpu_id {gpu_id} names no GPU: {visible} visible ({numbers}"
+                          "CUDA_VISIBLE_DEVICES renumbers them).")
+    return f"cuda:{gpu_id}"
+
+
 def tensorrt_major(trt: Any) -> int:
     try:
         return int(str(getattr(trt, "__version__", "10")).split(".")[0])
@@ -160,13 +175,15 @@ def apply_layer_precisions(trt: Any, network: Any, plan: BuildPlan) -> Dict[str,
 
 
 def build_engine(plan: BuildPlan, *, trt: Any, engine_file: Optional[str] = None,
-                 log_level: Optional[Any] = None, encryption_key: Optional[str] = None) -> BuildOutcome:
+                 verbose: bool = False, encryption_key: Optional[str] = None) -> BuildOutcome:
     """Build ``plan`` with the TensorRT module ``trt`` and write the engine to ``engine_file`` (default
     ``plan.engine_file``) and the timing cache to ``plan.timing_cache``. ``encryption_key`` opens an encrypted
-    ONNX model and encrypts the engine (see the module docstring)."""
+    ONNX model and encrypts the engine (see the module docstring). ``verbose`` logs TensorRT's builder at its
+    verbose level (TAO's ``gen_trt_engine.verbose``); else warnings and errors. The engine is built on the current
+    CUDA device (see :func:`build_device`)."""
     started = time.perf_counter()
     target = Path(engine_file or plan.engine_file)
-    logger = trt.Logger(log_level if log_level is not None else trt.Logger.WARNING)
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network, parser = parse_onnx(trt, builder=builder, logger=logger, onnx_file=plan.onnx_file,
                                  encryption_key=encryption_key)
