@@ -251,13 +251,14 @@ def test_cli_never_writes_the_key_to_the_results_folder(tmp_path, monkeypatch, s
     else:
         monkeypatch.setenv(crypto.KEY_ENV, secret)
     captured = {}
-    real_load = cli.load_spec
+    real_resolve = cli.resolve_spec
 
-    def spying_load_spec(*args, **kwargs):
-        captured["config"] = real_load(*args, **kwargs)
-        return captured["config"]
+    def spying_resolve_spec(*args, **kwargs):
+        resolution = real_resolve(*args, **kwargs)
+        captured["config"] = resolution.config
+        return resolution
 
-    monkeypatch.setattr(cli, "load_spec", spying_load_spec)
+    monkeypatch.setattr(cli, "resolve_spec", spying_resolve_spec)
     assert cli.main(words) == 1  # the checkpoint does not exist: FAILURE, after experiment.yaml was written
     assert captured["config"].encryption_key == secret, "the action receives the key"
     experiment = yaml.safe_load((tmp_path / "job" / "experiment.yaml").read_text())

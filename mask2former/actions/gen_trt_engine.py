@@ -56,9 +56,9 @@ def plan_for(config: Any, job: Job, *, onnx_file: Path) -> BuildPlan:
 @reports_resource_failures("gen_trt_engine")
 def run(config: Any, job: Job) -> ActionResult:
     trt = require_tensorrt()  # first: a CPU machine stops here, before anything is read
-    device = build_device(config.gen_trt_engine.gpu_id)
     onnx_file = resolve_model_file("gen_trt_engine.onnx_file", config.gen_trt_engine.onnx_file, "onnx")
     require_model_key(onnx_file, config.encryption_key)
+    device = build_device(config.gen_trt_engine.gpu_id)
     plan = plan_for(config, job, onnx_file=onnx_file)
     target = Path(plan.engine_file)
     target.parent.mkdir(parents=True, exist_ok=True)

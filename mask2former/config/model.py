@@ -170,7 +170,8 @@ def resolve_swin(swin: SwinConfig, *, preset_wins: bool = False) -> List[str]:
 
     ``preset_wins`` (the spec named ``swin.type``, as in TAO): the preset fixes the three numbers. Otherwise
     (no type in the spec, or a checkpoint's recorded architecture) only the numbers left null are filled.
-    ``custom`` takes the explicit numbers and needs all three.
+    ``custom`` takes the explicit numbers and needs all three; explicit numbers that differ from the preset
+    turn the type into ``custom``.
     """
     if swin.type == "custom":
         missing = [f"model.backbone.swin.{k}" for k in SWIN_ARCHITECTURE_KEYS if getattr(swin, k) is None]
@@ -187,6 +188,10 @@ def resolve_swin(swin: SwinConfig, *, preset_wins: bool = False) -> List[str]:
                             f"{preset[key]} (set model.backbone.swin.type to custom to keep explicit values)")
         if value is None or preset_wins:
             setattr(swin, key, list(preset[key]) if isinstance(preset[key], list) else preset[key])
+    if any(getattr(swin, key) != preset[key] for key in SWIN_ARCHITECTURE_KEYS):
+        # explicit numbers off the preset: recorded as custom, so the recorded spec (experiment.yaml, the
+        # spec the training workers read) builds this same network when it is read again
+        swin.type = "custom"
     return replaced
 
 
