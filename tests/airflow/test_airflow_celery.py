@@ -53,6 +53,8 @@ def celery_stack(tmp_path_factory, database):
                              "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
                              "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
                              "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+                             # a deployment with a GPU worker: the GPU stages go to its queue and pool
+                             "MASK2FORMER_GPU_WORKERS": "true",
                              "MASK2FORMER_RESULTS_ROOT": str(home / "results"),
                              "MASK2FORMER_CACHE_DIR": str(home / "cache"),
                          })

@@ -117,7 +117,8 @@ def test_a_deferrable_pod_task_creates_its_pod_and_defers_to_the_job_trigger(exa
     assert trigger.startup_timeout == 600
     job = json.loads(next(e.value for e in pod.spec.containers[0].env if e.name == "MASK2FORMER_JOB"))
     assert job["overrides"]["dataset.train.img_dir"] == "s3://data/coco/train/images.tar.gz"  # staged in the pod
-    assert job["overrides"]["train.num_epochs"] == 2 and "export.input_width" not in job["overrides"]
+    # every override travels (keys of other actions are accepted by the job and reported as unused there)
+    assert job["overrides"]["train.num_epochs"] == 2
 
     # The pod's job published its folder (done here by hand) and the trigger fired: the task resumes.
     storage = Mask2FormerStorageHook()
