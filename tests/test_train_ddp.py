@@ -57,3 +57,18 @@ def test_two_cpu_processes_train_in_sync_and_validate_every_image_once(tmp_path)
     for key in ("mIoU", "pixel_accuracy", "PQ", "SQ", "RQ"):
         assert math.isclose(metrics[key], single[key], rel_tol=1e-6, abs_tol=1e-9), (key, metrics[key], single[key])
     assert not list(tmp_path.glob("run*/**/.*.tmp"))
+
+
+def test_an_efficientvit_model_trains_in_sync_on_two_cpu_processes(tmp_path):
+    """The second backbone family under DDP: its BatchNorm buffers and weights stay identical on both ranks."""
+    roots = make_data(tmp_path / "data", images=4, val_images=2, size=64)
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_spec(roots, batch_size=1))
+    folder = tmp_path / "run"
+    result = run_train_cli(spec_path, folder, ["train.num_gpus=2", "train.gpu_ids=[0,1]",
+                                               "model.backbone.type=efficientvit",
+                                               "model.backbone.efficientvit.name=b0"], timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Model parameters identical on all 2 ranks" in result.stderr
+    assert [(c.epoch, c.step) for c in results.list_checkpoints(folder)] == [(1, 2)]
+    config = read_checkpoint(folder / results.LATEST_CHECKPOINT)["model_config"]
+    assert config["backbone"]["type"] == "efficientvit" and config["backbone"]["efficientvit"]["name"] == "b0"
