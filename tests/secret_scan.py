@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Set, Union
+from typing import Dict, List, Set, Tuple, Union
 
 Data = Union[str, bytes]
 
@@ -86,7 +86,8 @@ class CommandLineWatcher:
     def __init__(self, pid: int, interval_s: float = 0.05) -> None:
         self.pid = pid
         self.interval_s = interval_s
-        self.seen: Dict[int, str] = {}  # pid -> its command line, as first read
+        # every (pid, command line) read: a child's line changes at exec (a fork shows its parent's line first)
+        self.seen: Dict[Tuple[int, str], None] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -102,12 +103,12 @@ class CommandLineWatcher:
         while not self._stop.is_set():
             for pid in process_tree(self.pid):
                 line = command_line(pid)
-                if line and pid not in self.seen:
-                    self.seen[pid] = line
+                if line:
+                    self.seen.setdefault((pid, line), None)
             time.sleep(self.interval_s)
 
     def lines(self) -> List[str]:
-        return list(self.seen.values())
+        return [line for _, line in self.seen]
 
     def text(self) -> str:
         return "\n".join(self.lines())

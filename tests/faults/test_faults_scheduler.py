@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow
 
 KEY = "sched-Fault/8Lm!granite-plover-19"
 WORKER_DAG, DEFERRED_DAG, PARTITION_DAG = "fault_worker_kill", "fault_triggerer_kill", "fault_same_partition"
-EPOCHS = {WORKER_DAG: 3, DEFERRED_DAG: 3, PARTITION_DAG: 1}
+# the deferred training runs long enough for the fixture to see it deferred and training before killing the triggerer
+EPOCHS = {WORKER_DAG: 3, DEFERRED_DAG: 8, PARTITION_DAG: 1}
 
 DAGS = '''
 import pendulum
