@@ -51,7 +51,9 @@ def test_engine_settings_stop_the_page_faults_of_each_step():
     default_applied, default_faults = _faults_per_step("default")
     engine_applied, engine_faults = _faults_per_step("engine")
     assert engine_applied == "True" and default_applied == "False"
-    assert default_faults > 1000  # megabytes of activations faulted in again, zero-filled, every step
+    # activations faulted in again, zero-filled, every step: about 1000 on an idle machine; fewer when other
+    # processes (a parallel test run) keep the allocator's freed pages warm
+    assert default_faults > 200, default_faults
     assert engine_faults < default_faults / 5, (engine_faults, default_faults)
 
 
