@@ -37,7 +37,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from . import crypto
-from .config.loader import _from_dict
+from .config.loader import dataclass_from_dict
 from .config.model import ModelConfig, resolve_swin
 from .model.tao_weights import convert_tao_payload, is_tao_payload
 
@@ -152,7 +152,7 @@ def model_config_from(payload: Dict[str, Any], spec_model: Optional[ModelConfig]
         if spec_model is None:
             raise CheckpointError("The checkpoint records no model_config and no spec model section was given.")
         return spec_model
-    config = _from_dict(ModelConfig, saved)
+    config = dataclass_from_dict(ModelConfig, saved)
     if spec_model is not None:
         for key in POSTPROCESS_KEYS:
             setattr(config, key, getattr(spec_model, key))

@@ -297,7 +297,7 @@ def _validation_error(action: str, error: jsonschema.ValidationError) -> SpecErr
     return SpecError(f"Invalid value for '{key}'{where}: got {given}; expected {_describe_allowed(schema)}.")
 
 
-def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+def dataclass_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for field in dataclasses.fields(cls):
@@ -315,7 +315,7 @@ def _build_value(tp: Any, value: Any) -> Any:
     if typing.get_origin(tp) is typing.Union:
         tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
     if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value)
+        return dataclass_from_dict(tp, value)
     if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp)
         return [_build_value(item_tp, v) for v in value]
@@ -473,7 +473,7 @@ def resolve_spec(action: str, spec_path: Optional[Union[str, Path]] = None,
         base = _deep_merge(base, _with_recorded_keys(spec))
     seen = _Collect()
     tree = _resolve_tree(action, base, overrides, seen)
-    config = _from_dict(ExperimentConfig, tree)
+    config = dataclass_from_dict(ExperimentConfig, tree)
     try:
         replaced = resolve_swin(config.model.backbone.swin, preset_wins="model.backbone.swin.type" in seen.given)
     except ValueError as exc:

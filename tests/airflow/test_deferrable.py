@@ -29,6 +29,7 @@ from airflow_stack import AirflowStack
 from helpers import REPO, make_dataset, tiny_overrides
 from mask2former import results
 from operators.utils.jobs import job_id
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -76,9 +77,9 @@ def stack(tmp_path_factory, data):
                 psutil.Process(pid).kill()
 
 
-def conf(data: Path) -> dict:
-    return {"data": str(data), "spec_overrides": tiny_overrides(**{"train.num_epochs": EPOCHS,
-                                                                   "train.validation_interval": EPOCHS})}
+def conf(data: Path, epochs: int = EPOCHS) -> dict:
+    return {"data": str(data), "spec_overrides": tiny_overrides(**{"train.num_epochs": epochs,
+                                                                   "train.validation_interval": epochs})}
 
 
 def folder(stack: AirflowStack, run_id: str) -> Path:
@@ -90,14 +91,6 @@ def beat(stack: AirflowStack, run_id: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"{what} after {timeout} s")
 
 
 def status_times(path: Path, status: str = "RUNNING") -> list:
@@ -125,7 +118,8 @@ def restarted(stack, data):
         states = [stack.task_states(DAG_ID, run).get("train") for run in runs]
         return states == ["deferred", "deferred"] and all(status_times(folder(stack, run)) for run in runs)
 
-    wait_for(both_deferred_and_training, 600, "the two trainings were not deferred and training together")
+    wait_for(both_deferred_and_training, 600, "the two trainings were not deferred and training together",
+             poll=0.5)
     job_pids = {run: beat(stack, run)["pid"] for run in runs}
     stack.jobs.extend(job_pids.values())
     killed_at = time.time()
@@ -173,14 +167,16 @@ def test_restarting_the_scheduler_and_triggerer_loses_no_training(stack, restart
 
 
 def test_marking_a_deferred_task_failed_stops_its_job(stack, data, restarted):
-    run = stack.trigger(DAG_ID, conf(data))
+    # long enough that the job is still training when it is told to stop, however fast the machine
+    run = stack.trigger(DAG_ID, conf(data, epochs=200))
     wait_for(lambda: stack.task_states(DAG_ID, run).get("train") == "deferred" and
-             status_times(folder(stack, run)), 600, "the training did not start while deferred")
+             status_times(folder(stack, run)), 600, "the training did not start while deferred",
+             poll=0.5)
     pid = beat(stack, run)["pid"]
     stack.jobs.append(pid)
     stack.set_task_state(DAG_ID, run, "train", "failed")
     wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 180,
-             "the job did not stop")
+             "the job did not stop", poll=0.5)
     last = results.read_status(folder(stack, run))[-1]
     assert last["status"] == "FAILURE" and "the Airflow task was stopped by a user" in last["message"]
     assert (folder(stack, run) / "_FINISHED").is_file()  # what it had done is published

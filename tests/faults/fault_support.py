@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, List, Tuple
 
 from s3_server import FAKE_CREDENTIALS, free_port
+from waiting import wait_for  # noqa: F401 - the fault tests import it from here
 
 #: (fault, how it was injected, what was observed, data lost), in the order the tests ran.
 OBSERVED: List[Tuple[str, str, str, str]] = []
@@ -119,11 +120,3 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, poll: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"{what} after {timeout} s")
