@@ -12,7 +12,7 @@ from torch import nn
 from mask2former.config import load_spec
 from mask2former.model import build_model
 from mask2former.training.optim import (build_optimizer, build_param_groups, build_scheduler, classify_parameters,
-                                        lr_multiplier_fn)
+                                        lr_multiplier_fn, milestone_steps)
 
 
 class ToyNet(nn.Module):
@@ -183,3 +183,17 @@ def test_multiplier_rejects_unknown_scheduler():
                          warmup_iters=0, warmup_factor=1.0, poly_power=0.9)
     assert math.isclose(lr_multiplier_fn(scheduler="MultiStep", total_steps=5, steps_per_epoch=1, milestones=[1],
                                          gamma=0.5, warmup_iters=0, warmup_factor=1.0, poly_power=0.9)(1), 0.5)
+
+
+def test_tao_default_milestones_decay_a_short_run_at_the_same_fractions():
+    # TAO's [88, 96] are epochs of a 100-epoch schedule: a 10-epoch run would never decay and end noisy
+    assert milestone_steps([88, 96], steps_per_epoch=10, total_steps=100) == [88, 96]
+    assert milestone_steps([88, 96], steps_per_epoch=3, total_steps=30) == [26, 29]
+    lrs = _curve(_optim_cfg(lr=1.0, milestones=[88, 96]), total_steps=100, steps_per_epoch=10, steps=100)
+    assert [round(lr[0], 6) for lr in (lrs[87], lrs[88], lrs[95], lrs[96], lrs[99])] == [1.0, 0.1, 0.1, 0.01, 0.01]
+
+
+def test_milestones_reached_or_chosen_act_as_written():
+    assert milestone_steps([88, 96], steps_per_epoch=2, total_steps=200) == [176, 192]  # a 100-epoch run: TAO's
+    assert milestone_steps([20, 30], steps_per_epoch=2, total_steps=20) == [40, 60]  # the user's choice: never
+    assert milestone_steps([2, 3], steps_per_epoch=5, total_steps=20) == [10, 15]

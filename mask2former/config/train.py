@@ -29,7 +29,9 @@ class OptimConfig:
                                                             "WarmupPoly: polynomial decay to zero over the run.",
                                    enum=["MultiStep", "WarmupPoly"])
     milestones: List[int] = spec_field([88, 96], description="MultiStep: epochs at which the rate is multiplied by "
-                                                             "gamma.", minimum=1)
+                                                             "gamma. TAO's default [88, 96] in a run shorter "
+                                                             "than 88 epochs acts at 88 % and 96 % of the run.",
+                                       minimum=1)
     gamma: float = spec_field(0.1, description="MultiStep: decay factor.", exclusive_minimum=0, maximum=1)
     warmup_iters: int = spec_field(0, description="Linear warm-up steps from lr * warmup_factor (both schedulers).",
                                    minimum=0)

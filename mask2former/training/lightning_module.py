@@ -17,6 +17,7 @@ lr_schedulers, loops, callbacks, ...) plus "format", "state_dict" (the network's
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Dict, List, Optional
 
@@ -29,7 +30,9 @@ from torch import nn
 from ..checkpoint import FORMAT
 from ..data.label_map import LabelMap
 from ..evaluation.pipeline import INSTANCE_KEYS, PANOPTIC_KEYS, SEMANTIC_KEYS, Evaluator
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, milestone_steps
+
+log = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model."
 LOSS_LOG_KEYS = ("loss_ce", "loss_mask", "loss_dice")
@@ -130,6 +133,12 @@ class Mask2FormerModule(pl.LightningModule):
         if self.config.train.iters_per_epoch:  # TAO's WarmupPoly length: iters_per_epoch * num_epochs steps
             total_steps = self.config.train.iters_per_epoch * self.config.train.num_epochs
         scheduler = build_scheduler(optimizer, optim_cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        if optim_cfg.lr_scheduler == "MultiStep" and self.trainer.is_global_zero:
+            decays = milestone_steps(optim_cfg.milestones, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+            if decays != [m * steps_per_epoch for m in optim_cfg.milestones]:
+                log.info("train.optim.milestones %s (TAO's default, epochs of a 100-epoch schedule) lie beyond this "
+                         "%d-epoch run: the rate decays by gamma at 88 %% and 96 %% of it instead (steps %s of %d)",
+                         list(optim_cfg.milestones), self.trainer.max_epochs, decays, total_steps)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
 
