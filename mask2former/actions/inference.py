@@ -78,7 +78,8 @@ def run(config: Any, job: Job) -> ActionResult:
                 metas = [dict(meta, image_id=ids[meta["file_name"]]) for meta in metas]
             outputs = run_batch(runner, batch["images"], runner.max_batch_size)
             for prediction in host(outputs, metas):
-                writer.write(prediction, image_path=dataset.folder / prediction.file_name)
+                image = dataset.load_image(dataset.folder / prediction.file_name) if section.save_overlays else None
+                writer.write(prediction, image=image)
             done += len(metas)
             progress(done, len(dataset))
     except BaseException:
