@@ -39,7 +39,8 @@ def _split(root, dataset_format):
     return SimpleNamespace(type=dataset_format, img_dir=str(root / "images.tar.gz"),
                            instance_json=str(root / "annotations.json"),
                            panoptic_json=str(root / "annotations_panoptic.json"),
-                           panoptic_dir=str(root / "images_panoptic.tar.gz"), batch_size=2, num_workers=0)
+                           panoptic_dir=str(root / "images_panoptic.tar.gz"), batch_size=2, num_workers=0,
+                           target_size=[])
 
 
 def _cfg(roots, *, mode="panoptic", dataset_format="coco_panoptic", contiguous_id=False, num_classes=13, **aug):
@@ -242,7 +243,7 @@ def test_exif_rotated_image_against_unrotated_annotation(tmp_path):
         dataset=SimpleNamespace(
             val=SimpleNamespace(type="coco", img_dir=str(tmp_path / "images"),
                                 instance_json=str(tmp_path / "annotations.json"), panoptic_json=None,
-                                panoptic_dir=None),
+                                panoptic_dir=None, target_size=[]),
             label_map=str(tmp_path / "label_map.json"), contiguous_id=False, pixel_mean=MEAN, pixel_std=STD,
             augmentation=SimpleNamespace(test_min_size=16, test_max_size=64)))
     with pytest.raises(ValueError, match="EXIF orientation"):

@@ -204,8 +204,7 @@ def test_taos_batch_size_minus_one_takes_the_splits_batch_size():
 
 
 def test_unimplemented_tao_values_are_refused_with_a_sentence():
-    cases = [("train", "dataset.train.target_size", [640, 640], "not implemented"),
-             ("quantize", "quantize.algorithm", "awq_lite", "is a TAO value that is not implemented here"),
+    cases = [("quantize", "quantize.algorithm", "awq_lite", "is a TAO value that is not implemented here"),
              ("quantize", "quantize.device", "trt", "is a TAO value that is not implemented here"),
              ("train", "model.backbone.swin.out_indices", [1, 2, 3], "needs all four stages"),
              ("quantize", "quantize.backend_kwargs", {"x": 1}, "backend torchao takes its settings"),

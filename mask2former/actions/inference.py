@@ -6,7 +6,8 @@ Outputs in the results folder (see mask2former.evaluation.writers): semantic/ PN
 (instance and panoptic mode) and overlays/ (inference.save_overlays). Image ids come from
 dataset.test.panoptic_json or dataset.test.instance_json when one is set (matched by file name), so
 ``evaluate.predictions`` can score the outputs against those annotations; otherwise an image's id is its
-position in the sorted folder listing.
+position in the sorted folder listing. With dataset.test.target_size every image is stretched to it first, as in
+TAO, and the outputs are at that size.
 
 An encrypted model is opened with ``encryption_key`` (a missing or wrong key stops the job before the
 images are read); running out of memory or disk ends with FAILURE naming the keys that help.
@@ -78,7 +79,8 @@ def run(config: Any, job: Job) -> ActionResult:
                 metas = [dict(meta, image_id=ids[meta["file_name"]]) for meta in metas]
             outputs = run_batch(runner, batch["images"], runner.max_batch_size)
             for prediction in host(outputs, metas):
-                writer.write(prediction, image_path=dataset.folder / prediction.file_name)
+                image = dataset.load_image(dataset.folder / prediction.file_name) if section.save_overlays else None
+                writer.write(prediction, image=image)
             done += len(metas)
             progress(done, len(dataset))
     except BaseException:

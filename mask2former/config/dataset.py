@@ -36,10 +36,13 @@ class SplitConfig:
                                                            "to (empty: the annot_file's folder).", nullable=True)
     batch_size: int = spec_field(1, description="Images per batch and device.", minimum=1, popular=True)
     num_workers: int = spec_field(2, description="Data-loading worker processes.", minimum=0)
-    target_size: List[int] = spec_field([], description="TAO's fixed [width, height] resize of every image "
-                                                        "(empty: off). Only the empty list is accepted: images "
-                                                        "are resized by dataset.augmentation, which keeps "
-                                                        "their aspect ratio.", minimum=1)
+    target_size: List[int] = spec_field([], description="[width, height] every image of the split is stretched "
+                                                        "to when it is read, as in TAO (aspect ratio not kept; "
+                                                        "bicubic for images, nearest for labels), before "
+                                                        "augmentation or the evaluation resize; metrics and "
+                                                        "predictions are then at this size. Empty: off. The "
+                                                        "test split also takes [size] for a square.",
+                                        minimum=1, max_items=2)
 
 
 @dataclass

@@ -42,12 +42,15 @@ def _check_model(config: ExperimentConfig) -> None:
 
 
 def _check_target_size(config: ExperimentConfig) -> None:
+    """[width, height] or [] (off), as TAO; the test split also takes one value for a square, as TAO does."""
     for split in ("train", "val", "test"):
-        size = getattr(config.dataset, split).target_size
-        if size:
-            raise SpecError(f"dataset.{split}.target_size {size} is not implemented: TAO stretches every image to a "
-                            "fixed size; here images are resized by dataset.augmentation (train_min_size, "
-                            "test_min_size, ...), which keeps their aspect ratio. Leave it [] (TAO's default).")
+        size = list(getattr(config.dataset, split).target_size)
+        lengths = (0, 1, 2) if split == "test" else (0, 2)
+        if len(size) not in lengths:
+            square = ", or [size] for a square" if split == "test" else ""
+            raise SpecError(f"dataset.{split}.target_size {size} is not a size: expected [width, height] "
+                            f"(two positive integers; every image is stretched to that size{square}) or [] (off, "
+                            "TAO's default).")
 
 
 def _check_pixel_scale(config: ExperimentConfig) -> None:

@@ -12,6 +12,7 @@ from .coco import CocoInstanceReader
 from .coco_panoptic import CocoPanopticReader
 from .dataset import ImageFolderDataset, SegmentationDataset, collate_batch
 from .label_map import LabelMap
+from .stretch import target_size_of
 from .transforms import EvalTransform, TrainTransform
 
 SPLITS = ("train", "val", "test")
@@ -64,22 +65,25 @@ def build_reader(section: Any, *, prefix: str):
 
 
 def build_datasets(cfg: Any, split: str) -> SegmentationDataset:
-    """The annotated dataset of ``split`` (train: training augmentation; val/test: evaluation resize)."""
+    """The annotated dataset of ``split`` (train: training augmentation; val/test: evaluation resize), its
+    images and segments stretched to ``dataset.<split>.target_size`` if set."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
     prefix = f"dataset.{split}"
-    reader = build_reader(getattr(cfg.dataset, split), prefix=prefix)
+    section = getattr(cfg.dataset, split)
+    reader = build_reader(section, prefix=prefix)
     transform = build_train_transform(cfg.dataset) if split == "train" else build_eval_transform(cfg.dataset)
     return SegmentationDataset(reader=reader, label_map=build_label_map(cfg), transform=transform,
-                               mode=cfg.model.mode)
+                               mode=cfg.model.mode, target_size=target_size_of(section.target_size))
 
 
 def build_inference_dataset(cfg: Any) -> ImageFolderDataset:
-    """Images of ``dataset.test.img_dir`` (folder or archive), resized as for evaluation."""
+    """Images of ``dataset.test.img_dir`` (folder or archive), stretched to ``dataset.test.target_size`` if
+    set, resized as for evaluation."""
     if not cfg.dataset.test.img_dir:
         raise ValueError("dataset.test.img_dir is not set: expected a folder or images.tar.gz of images")
     return ImageFolderDataset(root=cfg.dataset.test.img_dir, transform=build_eval_transform(cfg.dataset),
-                              key="dataset.test.img_dir")
+                              key="dataset.test.img_dir", target_size=target_size_of(cfg.dataset.test.target_size))
 
 
 def build_calibration_dataset(cfg: Any) -> ImageFolderDataset:

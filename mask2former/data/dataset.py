@@ -9,11 +9,15 @@ Item of :class:`SegmentationDataset`::
 Targets follow ``model.mode``: one mask per segment (panoptic), per thing segment (instance), or per
 class present (semantic). Evaluation ground truth at the ORIGINAL resolution comes separately from
 :meth:`SegmentationDataset.load_ground_truth`, so evaluators never depend on the resized input.
+
+With a ``target_size`` (TAO's ``dataset.<split>.target_size``) every image and its segments are stretched to
+it as they are read (:mod:`.stretch`): the records, ``orig_size`` and the ground truth are then at that size.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -27,6 +31,8 @@ from .coco_panoptic import CocoPanopticReader
 from .folders import open_folder
 from .images import list_images, load_rgb
 from .label_map import LabelMap
+from .records import ImageSegments
+from .stretch import Size, stretch_image, stretch_record, stretch_segments
 from .targets import GroundTruth, build_ground_truth, build_targets, check_mode, semantic_masks
 from .transforms import IGNORE_LABEL, EvalTransform, Sample, TrainTransform
 
@@ -45,31 +51,38 @@ def _random_generator(transform: Transform) -> Optional[np.random.Generator]:
 class SegmentationDataset(Dataset):
     """Annotated images (COCO instance, COCO panoptic or ADE label PNGs) as model inputs and targets."""
 
-    def __init__(self, *, reader: Reader, label_map: LabelMap, transform: Transform, mode: str) -> None:
+    def __init__(self, *, reader: Reader, label_map: LabelMap, transform: Transform, mode: str,
+                 target_size: Optional[Size] = None) -> None:
         self.reader = reader
         self.label_map = label_map
         self.transform = transform
         self.mode = check_mode(mode)
-        self.records = list(reader.records)
+        self.target_size = target_size
+        self.records = [stretch_record(record, target_size) if target_size else record for record in reader.records]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _load_image(self, index: int) -> np.ndarray:
-        record = self.records[index]
+    def load_image(self, image_id: int) -> np.ndarray:
+        """The image as RGB uint8 [H, W, 3] at its record's size (the target size, if any)."""
+        record = self.reader.record(image_id)
         image = load_rgb(record.path)
         if image.shape[:2] != (record.height, record.width):
             hint = (" (the EXIF orientation swaps width and height: the annotation was made on the unrotated "
                     "image)" if image.shape[:2] == (record.width, record.height) else "")
             raise ValueError(f"image {record.path} is {image.shape[1]}x{image.shape[0]} but annotation file "
                              f"{self.reader.annotation_file} says {record.width}x{record.height}{hint}")
-        return image
+        return stretch_image(image, self.target_size) if self.target_size else image
+
+    def load_segments(self, image_id: int) -> ImageSegments:
+        """The image's annotated segments at its record's size (the target size, if any)."""
+        segments = self.reader.load_segments(image_id)
+        return stretch_segments(segments, self.target_size) if self.target_size else segments
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         record = self.records[index]
-        image = self._load_image(index)
-        targets = build_targets(self.reader.load_segments(record.image_id), label_map=self.label_map,
-                                mode=self.mode)
+        image = self.load_image(record.image_id)
+        targets = build_targets(self.load_segments(record.image_id), label_map=self.label_map, mode=self.mode)
         sample = Sample(image=image, masks=targets.masks, labels=targets.labels, sem_seg=targets.sem_seg,
                         ignore_mask=targets.ignore_mask)
         sample = self.transform(sample, _random_generator(self.transform))
@@ -92,8 +105,8 @@ class SegmentationDataset(Dataset):
         return [record.image_id for record in self.records]
 
     def load_ground_truth(self, image_id: int) -> GroundTruth:
-        """Semantic (raw ids, 255 ignore) and panoptic ground truth of one image at its original size."""
-        return build_ground_truth(self.reader.load_segments(image_id), label_map=self.label_map)
+        """Semantic (raw ids, 255 ignore) and panoptic ground truth of one image at its record's size."""
+        return build_ground_truth(self.load_segments(image_id), label_map=self.label_map)
 
     def coco_instance_ground_truth(self) -> Dict[str, Any]:
         """COCO instance ground truth (RLE masks) of the label map's thing classes, for mask AP.
@@ -105,7 +118,7 @@ class SegmentationDataset(Dataset):
         for record in self.records:
             images.append({"id": record.image_id, "file_name": record.file_name, "height": record.height,
                            "width": record.width})
-            for segment in self.reader.load_segments(record.image_id).segments:
+            for segment in self.load_segments(record.image_id).segments:
                 if segment.category_id not in thing_ids or not segment.mask.any():
                     continue
                 rle = mask_util.encode(np.asfortranarray(segment.mask.astype(np.uint8)))
@@ -122,10 +135,10 @@ class SegmentationDataset(Dataset):
 class ImageFolderDataset(Dataset):
     """Unannotated images (jpg/jpeg/png in any letter case) from a folder or archive, for inference
     and calibration. Items: {"image", "image_id" (position), "file_name" (relative path), "orig_size",
-    "image_size"}."""
+    "image_size"}; with a ``target_size`` every image is stretched to it first, and ``orig_size`` is it."""
 
     def __init__(self, *, root: str, transform: EvalTransform, key: str = "dataset.test.img_dir",
-                 max_images: Optional[int] = None) -> None:
+                 max_images: Optional[int] = None, target_size: Optional[Size] = None) -> None:
         folder = open_folder(root, key=key)
         paths = list_images(folder)
         if not paths:
@@ -133,13 +146,19 @@ class ImageFolderDataset(Dataset):
         self.folder = folder
         self.paths = paths[:max_images] if max_images is not None else paths
         self.transform = transform
+        self.target_size = target_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def load_image(self, path: Path) -> np.ndarray:
+        """An image of the folder as RGB uint8 [H, W, 3], stretched to the target size if any."""
+        image = load_rgb(path)
+        return stretch_image(image, self.target_size) if self.target_size else image
+
     def __getitem__(self, index: int) -> Dict[str, Any]:
         path = self.paths[index]
-        image = load_rgb(path)
+        image = self.load_image(path)
         sample = self.transform(Sample(image=image))
         return {
             "image": torch.from_numpy(sample.image),

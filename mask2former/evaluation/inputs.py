@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.build import build_eval_transform
 from ..data.dataset import SegmentationDataset, collate_batch
-from ..data.images import load_rgb
 from ..data.transforms import Normalize, Sample, resize
 
 
@@ -63,7 +62,8 @@ def collate_to_size(items: Sequence[Dict[str, Any]], *, size: Tuple[int, int]) -
 
 
 class GroundTruthImages(Dataset):
-    """The images of an annotated dataset with their ground truth at the original resolution.
+    """The images of an annotated dataset with their ground truth at the original resolution (the
+    dataset's target size when it has one).
 
     Items: {"image", "image_id", "file_name", "orig_size", "image_size", "ground_truth"}: the training
     targets at the resized resolution are never built; the ground truth is read in the loader's workers.
@@ -78,11 +78,7 @@ class GroundTruthImages(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         record = self.source.records[index]
-        image = load_rgb(record.path)
-        if image.shape[:2] != (record.height, record.width):
-            raise ValueError(f"image {record.path} is {image.shape[1]}x{image.shape[0]} but its annotation says "
-                             f"{record.width}x{record.height}")
-        sample = self.transform(Sample(image=image))
+        sample = self.transform(Sample(image=self.source.load_image(record.image_id)))
         return {"image": torch.from_numpy(sample.image),
                 "image_id": record.image_id, "file_name": record.file_name,
                 "orig_size": (record.height, record.width), "image_size": sample.size,

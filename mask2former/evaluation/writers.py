@@ -24,7 +24,6 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 from PIL import Image
 
-from ..data.images import load_rgb
 from ..data.label_map import IGNORE_VALUE, LabelMap
 from ..metrics import id_to_rgb
 from ..results import write_json
@@ -73,7 +72,7 @@ class PredictionWriter:
     Args:
         out_dir: the output folder (created).
         label_map: names and colours; raw ids of the semantic PNGs.
-        save_overlays: also write overlay images (needs the image file's path in :meth:`write`).
+        save_overlays: also write overlay images (needs the image, at the prediction's size, in :meth:`write`).
     """
 
     def __init__(self, *, out_dir: Path, label_map: LabelMap, save_overlays: bool) -> None:
@@ -87,7 +86,7 @@ class PredictionWriter:
         self._instances: Optional[_JsonListStream] = None
         self._names: Dict[str, str] = {}
 
-    def write(self, prediction: ImagePrediction, *, image_path: Optional[Path] = None) -> None:
+    def write(self, prediction: ImagePrediction, *, image: Optional[np.ndarray] = None) -> None:
         png_name = prediction_png_name(prediction.file_name)
         if png_name in self._names:
             raise ValueError(f"images {self._names[png_name]!r} and {prediction.file_name!r} would both write "
@@ -108,9 +107,9 @@ class PredictionWriter:
             for detection in prediction.instances:
                 self._instances.append({"image_id": prediction.image_id, **detection})
         if self.save_overlays:
-            if image_path is None:
-                raise ValueError(f"save_overlays needs the path of image {prediction.file_name!r}")
-            overlay = render_overlay(load_rgb(image_path), prediction, self.label_map)
+            if image is None:
+                raise ValueError(f"save_overlays needs image {prediction.file_name!r}")
+            overlay = render_overlay(image, prediction, self.label_map)
             target = self.out_dir / OVERLAY_DIR / PurePosixPath(png_name).with_suffix(".jpg")
             target.parent.mkdir(parents=True, exist_ok=True)
             overlay.save(target, quality=90)
