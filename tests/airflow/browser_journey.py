@@ -71,6 +71,26 @@ class Journey:
     def submit(self, dialog: Any) -> None:
         dialog.get_by_role("button", name="Trigger", exact=True).last.click()
 
+    def open_extra_link(self, dag_id: str, run_id: str, task_id: str, name: str) -> str:
+        """Open a task instance's page, its Details tab (where the UI lists the extra links as buttons) and click
+        the button ``name``; returns the button's href. A link to another origin opens a new tab: the journey
+        goes on there."""
+        self.page.goto(f"{self.base}/dags/{dag_id}/runs/{run_id}/tasks/{task_id}", wait_until="networkidle")
+        self.page.locator(f"a[href$='/tasks/{task_id}/details']", has_text="Details").first.click()
+        button = self.page.get_by_role("link", name=name, exact=True)
+        button.wait_for(timeout=30_000)
+        self.shot("task_details_extra_links")
+        href = button.get_attribute("href")
+        if button.get_attribute("target") == "_blank":
+            with self.page.context.expect_page() as opened:
+                button.click()
+            self.page = opened.value
+        else:
+            button.click()
+        self.page.wait_for_url(lambda url: url == href, timeout=30_000)
+        self.page.wait_for_load_state("networkidle")
+        return href
+
     def wait_text(self, pattern: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
         text = ""
