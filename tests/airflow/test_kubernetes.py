@@ -143,6 +143,27 @@ def test_a_retried_pod_task_follows_its_live_pod_instead_of_starting_another(exa
     assert deferred.value.trigger.pod["name"] == "mask2former-train-alive"
 
 
+def test_a_pod_gets_the_mlflow_connection_as_its_environment_and_a_localhost_server_is_refused(
+        example, cluster, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    train = example["train"]
+    train.spec_overrides, train.mlflow_conn_id = tiny_overrides(), "mlflow_k8s"
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_K8S", json.dumps({
+        "conn_type": "http", "host": "mlflow.ml.svc", "port": 5000, "extra": {"experiment_name": "segmentation"}}))
+    with pytest.raises(TaskDeferred):
+        train.execute(fake_context(dag_id="mask2former_pods", run_id="tracked", task_id="train"))
+    [(_, pod)] = cluster.created
+    env = {e.name: e.value for e in pod.spec.containers[0].env}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.ml.svc:5000"
+    assert env["MLFLOW_EXPERIMENT_NAME"] == "segmentation"
+
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_K8S", json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 5000}))
+    with pytest.raises(AirflowFailException, match=r"MLflow tracking URI http://127.0.0.1:5000 .*names localhost"):
+        train.execute(fake_context(dag_id="mask2former_pods", run_id="local-server", task_id="train"))
+    assert len(cluster.created) == 1  # no pod for the refused task
+
+
 def test_every_launcher_value_in_the_readme_works_or_is_refused_when_the_dag_is_parsed():
     values = set(re.findall(r'launcher=("[^"]*"|[A-Za-z_]+\(?)', (REPO / "README.md").read_text()))
     assert values == {"LocalProcessLauncher(", "KubernetesPodLauncher(", '"kubernetes"', "gpu_pod"}  # gpu_pod: above

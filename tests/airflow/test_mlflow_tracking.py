@@ -1,6 +1,7 @@
 """Experiment tracking against a real MLflow tracking server started on 127.0.0.1 by the test: the train
 operator, given an Airflow connection to it, logs the spec as params, per-epoch metrics and the checkpoint;
-the run id comes back in the XCom and the job page links the run."""
+the export operator adds the ONNX model to that same run (its tracking URI from the spec, which wins over a
+connection); the run id comes back in the XCom and the job page links the run."""
 
 from __future__ import annotations
 
@@ -57,16 +58,16 @@ def test_training_is_tracked_in_mlflow_through_an_airflow_connection(mlflow_serv
     op = Mask2FormerTrainOperator(task_id="train", train_datasets=str(data / "train"),
                                   eval_dataset=str(data / "val"), dataset_format="coco_panoptic",
                                   results_root=str(tmp_path / "results"), mlflow_conn_id="mlflow_tracking",
-                                  spec_overrides=tiny_overrides(**{"train.num_epochs": 2}))
+                                  spec_overrides=tiny_overrides(**{"train.num_epochs": 1}))
     outcome = op.execute(fake_context(task_id="train"))
     run_id = outcome["mlflow"]["run_id"]
     assert outcome["mlflow"]["tracking_uri"] == mlflow_server
     run = requests.get(f"{mlflow_server}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=30).json()["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["train.num_epochs"] == "2" and "encryption_key" not in params
+    assert params["train.num_epochs"] == "1" and "encryption_key" not in params
     history = requests.get(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history",
                            params={"run_id": run_id, "metric_key": "val/mIoU"}, timeout=30).json()["metrics"]
-    assert len(history) == 2  # one value per epoch
+    assert len(history) == 1  # one value per epoch
     artifacts = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list",
                              params={"run_id": run_id, "path": "checkpoints"}, timeout=30).json()
     assert any(f["path"].endswith(".pth") for f in artifacts.get("files", []))
@@ -81,3 +82,19 @@ def test_training_is_tracked_in_mlflow_through_an_airflow_connection(mlflow_serv
                                                                              run_order={})
     page = TestClient(app).get(f"/jobs/{outcome['job_id']}").text
     assert f"/runs/{run_id}" in page and "tensorboard --logdir" in page
+
+    # export: the spec's mlflow.tracking_uri wins over the connection (which names a port nobody listens on)
+    from mlflow.tracking import MlflowClient
+    from operators import Mask2FormerExportOperator
+
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_ELSEWHERE", json.dumps(
+        {"conn_type": "http", "host": "127.0.0.1", "port": free_port(), "schema": "http"}))
+    export = Mask2FormerExportOperator(task_id="export", parent=outcome, results_root=str(tmp_path / "results"),
+                                       mlflow_conn_id="mlflow_elsewhere",
+                                       spec_overrides=tiny_overrides(**{"mlflow.tracking_uri": mlflow_server,
+                                                                       "export.batch_size": 1}))
+    exported = export.execute(fake_context(task_id="export"))
+    assert exported["mlflow"]["run_id"] == run_id  # the training run holds the checkpoint and the ONNX model
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert [a.path for a in client.list_artifacts(run_id, "onnx")] == ["onnx/model.onnx"]
+    assert any(a.path.endswith(".pth") for a in client.list_artifacts(run_id, "checkpoints"))
