@@ -20,6 +20,8 @@ from helpers import fake_context, make_dataset, tiny_overrides
 from s3_server import free_port
 
 pytestmark = pytest.mark.slow
+#: One decoder layer and a fixed batch of one: the export (its graph simplification) is most of this test's time.
+SMALLEST = {"model.mask_former.dec_layers": 1, "export.batch_size": 1}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_training_is_tracked_in_mlflow_through_an_airflow_connection(mlflow_serv
     op = Mask2FormerTrainOperator(task_id="train", train_datasets=str(data / "train"),
                                   eval_dataset=str(data / "val"), dataset_format="coco_panoptic",
                                   results_root=str(tmp_path / "results"), mlflow_conn_id="mlflow_tracking",
-                                  spec_overrides=tiny_overrides(**{"train.num_epochs": 1}))
+                                  spec_overrides=tiny_overrides(**SMALLEST, **{"train.num_epochs": 1}))
     outcome = op.execute(fake_context(task_id="train"))
     run_id = outcome["mlflow"]["run_id"]
     assert outcome["mlflow"]["tracking_uri"] == mlflow_server
@@ -91,8 +93,7 @@ def test_training_is_tracked_in_mlflow_through_an_airflow_connection(mlflow_serv
         {"conn_type": "http", "host": "127.0.0.1", "port": free_port(), "schema": "http"}))
     export = Mask2FormerExportOperator(task_id="export", parent=outcome, results_root=str(tmp_path / "results"),
                                        mlflow_conn_id="mlflow_elsewhere",
-                                       spec_overrides=tiny_overrides(**{"mlflow.tracking_uri": mlflow_server,
-                                                                       "export.batch_size": 1}))
+                                       spec_overrides=tiny_overrides(**SMALLEST, **{"mlflow.tracking_uri": mlflow_server}))
     exported = export.execute(fake_context(task_id="export"))
     assert exported["mlflow"]["run_id"] == run_id  # the training run holds the checkpoint and the ONNX model
     client = MlflowClient(tracking_uri=mlflow_server)
