@@ -12,7 +12,9 @@ Both run the job entry point (:mod:`operators.pod_job`) on a :class:`~operators.
 A job process reaches storage with its own credentials: a local one gets the operator's connection's
 (:meth:`~operators.hooks.storage.Mask2FormerStorageHook.job_environment`) and encryption key in its
 environment; a pod gets them from Kubernetes Secrets (``aws_secret_name``, ``encryption_key_secret_name``:
-``secretKeyRef``s, never literals in the pod spec) or its service account.
+``secretKeyRef``s, never literals in the pod spec) or its service account. The MLflow settings
+(``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_RUN_ID``: no secrets) are the only worker values
+a pod spec carries literally.
 """
 
 from __future__ import annotations

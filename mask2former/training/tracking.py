@@ -8,8 +8,8 @@ environment is shared by every job a worker runs. The experiment follows the sam
 
 A training run gets the spec as params, the per-epoch metrics Lightning logs, and once training ends the best
 (else the latest) checkpoint as an artifact. Export logs its ``.onnx`` file into the run of the training job
-that wrote the checkpoint (its ``mlflow_run.json`` beside the checkpoint), so one run holds both; without one it
-starts a run of its own. Either job writes its run to ``mlflow_run.json`` in its folder (the operators put it in
+that wrote the checkpoint (its ``mlflow_run.json`` beside the checkpoint, else ``MLFLOW_RUN_ID``), so one run
+holds both; without one it starts a run of its own. Either job writes its run to ``mlflow_run.json`` in its folder (the operators put it in
 the XCom, the jobs page links it).
 """
 
@@ -25,6 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+#: MLflow's variable for the run to continue; export adds its model to that run when no run file is beside
+#: the checkpoint.
+RUN_ID_ENV = "MLFLOW_RUN_ID"
 DEFAULT_EXPERIMENT = "mask2former"
 RUN_FILE = "mlflow_run.json"
 #: MLflow refuses param values longer than this.
@@ -110,23 +113,28 @@ def finish_run(logger: Any, mlflow_cfg: Any, *, results_dir: Path, checkpoint: O
 
 
 def _training_run(client: Any, checkpoint: Path, target: TrackingTarget, log: logging.Logger) -> Optional[Any]:
-    """The MLflow run of the training job that wrote ``checkpoint`` (its ``mlflow_run.json`` beside it), when
-    it is on this job's tracking server and still there."""
+    """The MLflow run of the training job that wrote ``checkpoint``: its ``mlflow_run.json`` beside the checkpoint
+    (a local job folder), else ``MLFLOW_RUN_ID`` (the operators set it from the parent's XCom, for a checkpoint
+    staged from S3); only when that run is on this job's tracking server."""
     recorded = checkpoint.parent / RUN_FILE
-    if not recorded.is_file():
-        return None
-    record = json.loads(recorded.read_text())
-    if str(record.get("tracking_uri", "")).rstrip("/") != target.shown_uri.rstrip("/"):
-        log.info("export: the checkpoint's training run %s is on %s, not on this job's server; the ONNX model "
-                 "goes to a new run", record.get("run_id"), record.get("tracking_uri"))
+    if recorded.is_file():
+        record = json.loads(recorded.read_text())
+        if str(record.get("tracking_uri", "")).rstrip("/") != target.shown_uri.rstrip("/"):
+            log.info("export: the checkpoint's training run %s is on %s, not on this job's server; the ONNX model "
+                     "goes to a new run", record.get("run_id"), record.get("tracking_uri"))
+            return None
+        run_id = record["run_id"]
+    elif os.environ.get(RUN_ID_ENV):
+        run_id = os.environ[RUN_ID_ENV]
+    else:
         return None
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_run(record["run_id"])
+        return client.get_run(run_id)
     except MlflowException as error:
-        log.info("export: the checkpoint's training run %s is not on %s (%s); the ONNX model goes to a new run",
-                 record["run_id"], target.shown_uri, error)
+        log.info("export: the training run %s is not on %s (%s); the ONNX model goes to a new run", run_id,
+                 target.shown_uri, str(error).splitlines()[0])
         return None
 
 

@@ -50,7 +50,8 @@ from ..utils.jobs import JobPaths, default_results_root, job_id, record_job_loca
 from ..utils.outcome import published_outcome
 from ..utils.overrides import coerce_overrides, is_templated, job_overrides, validate_literal_overrides
 from ..utils.parents import ParentError, resolve_parent
-from ..utils.tracking import TRACKING_URI_ENV, is_loopback, mlflow_environment, without_credentials
+from ..utils.tracking import (RUN_ID_ENV, TRACKING_URI_ENV, is_loopback, mlflow_environment, parent_run_id,
+                              without_credentials)
 
 #: Data-source keys of the training split, which only train reads (evaluate/inference/quantize keep
 #: the label map and their own splits, so their staging never downloads the training annotations).
@@ -98,7 +99,7 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         ``schema://host:port``, schema default http; extra ``experiment_name``, default mask2former), handed to
         the job (a local process or a pod) as ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``: a training
         job logs its params, per-epoch metrics and best checkpoint there, an export job adds the ONNX model to
-        the training run, and the run id comes back in the XCom (``mlflow``). The spec's
+        the training run (the parent XCom's ``mlflow.run_id``, as ``MLFLOW_RUN_ID``), and the run id comes back in the XCom (``mlflow``). The spec's
         ``mlflow.tracking_uri`` / ``mlflow.experiment_name``, when set, win over the connection (the spec is
         the more specific statement). A pod cannot reach a ``localhost`` / ``127.0.0.1`` server: such a URI is
         refused before the pod is created.
@@ -275,7 +276,8 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
                 "such as http://mlflow.<namespace>.svc:5000, or an external address). Nothing was run.")
         self.log.info("%s: MLflow tracking at %s (from %s%s)", self.action, without_credentials(uri), source,
                       overruled)
-        return env
+        run_id = parent_run_id(self.parent) if self.action == "export" else None
+        return {**env, RUN_ID_ENV: run_id} if run_id else env
 
     def live_job(self, paths: JobPaths) -> Optional[Dict[str, Any]]:
         """The heartbeat of a job still running in this task's folder (an earlier attempt's), or None. A recent

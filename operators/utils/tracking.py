@@ -4,13 +4,15 @@ environment variables (the engine reads them; the spec's ``mlflow.tracking_uri``
 from __future__ import annotations
 
 import ipaddress
-from typing import Dict
+from collections.abc import Mapping
+from typing import Any, Dict, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+RUN_ID_ENV = "MLFLOW_RUN_ID"
 #: Plain (not secret) settings that may travel in a pod spec as literal values.
-TRACKING_ENV = (TRACKING_URI_ENV, EXPERIMENT_ENV)
+TRACKING_ENV = (TRACKING_URI_ENV, EXPERIMENT_ENV, RUN_ID_ENV)
 
 
 def mlflow_environment(conn_id: str) -> Dict[str, str]:
@@ -49,3 +51,9 @@ def is_loopback(uri: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def parent_run_id(parent: Any) -> Optional[str]:
+    """The MLflow run id a parent task's XCom carries (``mlflow.run_id``), if any."""
+    run = parent.get("mlflow") if isinstance(parent, Mapping) else None
+    return str(run["run_id"]) if isinstance(run, Mapping) and run.get("run_id") else None

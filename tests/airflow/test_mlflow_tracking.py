@@ -6,6 +6,7 @@ connection); the run id comes back in the XCom and the job page links the run.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -99,3 +100,27 @@ def test_training_is_tracked_in_mlflow_through_an_airflow_connection(mlflow_serv
     client = MlflowClient(tracking_uri=mlflow_server)
     assert [a.path for a in client.list_artifacts(run_id, "onnx")] == ["onnx/model.onnx"]
     assert any(a.path.endswith(".pth") for a in client.list_artifacts(run_id, "checkpoints"))
+
+
+def test_an_export_of_a_checkpoint_without_a_training_run_starts_a_run_in_the_specs_experiment(
+        mlflow_server, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from mask2former.config import load_spec
+    from mask2former.training.tracking import log_exported_model
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # the spec's URI wins over it
+    checkpoint, model = tmp_path / "downloaded" / "model.pth", tmp_path / "export" / "model.onnx"
+    for path in (checkpoint, model):
+        path.parent.mkdir()
+        path.write_bytes(b"model")
+    config = load_spec("export", overrides={"export.checkpoint": str(checkpoint), "mlflow.tracking_uri": mlflow_server,
+                                            "mlflow.experiment_name": "exports"})
+    record = log_exported_model(config.mlflow, model_file=model, checkpoint=checkpoint, results_dir=model.parent,
+                                log=logging.getLogger("test"))
+    assert json.loads((model.parent / "mlflow_run.json").read_text()) == record
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(record["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "exports" and run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "onnx")] == ["onnx/model.onnx"]
