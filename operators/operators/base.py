@@ -101,8 +101,8 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         job logs its params, per-epoch metrics and best checkpoint there, an export job adds the ONNX model to
         the training run (the parent XCom's ``mlflow.run_id``, as ``MLFLOW_RUN_ID``), and the run id comes back in the XCom (``mlflow``). The spec's
         ``mlflow.tracking_uri`` / ``mlflow.experiment_name``, when set, win over the connection (the spec is
-        the more specific statement). A pod cannot reach a ``localhost`` / ``127.0.0.1`` server: such a URI is
-        refused before the pod is created.
+        the more specific statement). A pod cannot reach a ``localhost`` / ``127.0.0.1`` server, and its spec
+        would show a ``user:password@`` in the URI: such URIs are refused before the pod is created.
     :param job_timeout: the longest a detached job may run (seconds or a timedelta); then it is stopped and
         the task fails.
     """
@@ -261,7 +261,8 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
 
     def tracking_env(self, overrides: Dict[str, Any]) -> Dict[str, str]:
         """``mlflow_conn_id`` as MLflow's environment variables; logs the tracking URI the job will use (the
-        spec's ``mlflow.tracking_uri`` wins), and refuses a loopback URI for a pod, which could not reach it."""
+        spec's ``mlflow.tracking_uri`` wins), and refuses for a pod a loopback URI (the pod could not reach it)
+        or one with credentials (the pod spec would show them)."""
         env = mlflow_environment(self.mlflow_conn_id) if self.mlflow_conn_id else {}
         spec_uri = overrides.get("mlflow.tracking_uri")
         uri = spec_uri or env.get(TRACKING_URI_ENV)
@@ -274,6 +275,12 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
                 f"{self.action}: the MLflow tracking URI {without_credentials(uri)} (from {source}) names "
                 "localhost, which inside a pod is the pod itself: give a URI the pod can reach (a Service name "
                 "such as http://mlflow.<namespace>.svc:5000, or an external address). Nothing was run.")
+        if without_credentials(uri) != uri and not self.launcher.runs_here:
+            raise AirflowFailException(
+                f"{self.action}: the MLflow tracking URI {without_credentials(uri)} (from {source}) carries "
+                "credentials, which a pod spec would show in plain text: give them as MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD entries of a Kubernetes Secret the pod reads (aws_secret_name's "
+                "entries all become its environment). Nothing was run.")
         self.log.info("%s: MLflow tracking at %s (from %s%s)", self.action, without_credentials(uri), source,
                       overruled)
         run_id = parent_run_id(self.parent) if self.action == "export" else None

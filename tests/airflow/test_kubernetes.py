@@ -146,22 +146,29 @@ def test_a_retried_pod_task_follows_its_live_pod_instead_of_starting_another(exa
 def test_a_pod_gets_the_mlflow_connection_as_its_environment_and_a_localhost_server_is_refused(
         example, cluster, monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException
+    from structlog.testing import capture_logs
 
     train = example["train"]
     train.spec_overrides, train.mlflow_conn_id = tiny_overrides(), "mlflow_k8s"
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_K8S", json.dumps({
         "conn_type": "http", "host": "mlflow.ml.svc", "port": 5000, "extra": {"experiment_name": "segmentation"}}))
-    with pytest.raises(TaskDeferred):
+    with capture_logs() as task_log, pytest.raises(TaskDeferred):
         train.execute(fake_context(dag_id="mask2former_pods", run_id="tracked", task_id="train"))
+    assert {"event": "train: MLflow tracking at http://mlflow.ml.svc:5000 (from connection 'mlflow_k8s')",
+            "log_level": "info"} in task_log
     [(_, pod)] = cluster.created
     env = {e.name: e.value for e in pod.spec.containers[0].env}
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.ml.svc:5000"
     assert env["MLFLOW_EXPERIMENT_NAME"] == "segmentation"
 
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_K8S", json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 5000}))
-    with pytest.raises(AirflowFailException, match=r"MLflow tracking URI http://127.0.0.1:5000 .*names localhost"):
-        train.execute(fake_context(dag_id="mask2former_pods", run_id="local-server", task_id="train"))
-    assert len(cluster.created) == 1  # no pod for the refused task
+    for uri, refusal in (("http://127.0.0.1:5000", r"MLflow tracking URI http://127.0.0.1:5000 .*names localhost"),
+                         ("https://ml:hunter2@mlflow.example.com",
+                          r"MLflow tracking URI https://mlflow.example.com .*carries credentials")):
+        monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_K8S", json.dumps({"conn_type": "http", "extra": {"tracking_uri": uri}}))
+        with pytest.raises(AirflowFailException, match=refusal) as refused:
+            train.execute(fake_context(dag_id="mask2former_pods", run_id="refused", task_id="train"))
+        assert "hunter2" not in str(refused.value)
+    assert len(cluster.created) == 1  # no pod for a refused task
 
 
 def test_an_export_pod_is_told_the_mlflow_run_of_its_parent_training_job(example, cluster, monkeypatch, tmp_path):
