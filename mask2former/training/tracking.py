@@ -9,8 +9,8 @@ environment is shared by every job a worker runs. The experiment follows the sam
 A training run gets the spec as params, the per-epoch metrics Lightning logs, and once training ends the best
 (else the latest) checkpoint as an artifact. Export logs its ``.onnx`` file into the run of the training job
 that wrote the checkpoint (its ``mlflow_run.json`` beside the checkpoint, else ``MLFLOW_RUN_ID``), so one run
-holds both; without one it starts a run of its own. Either job writes its run to ``mlflow_run.json`` in its folder (the operators put it in
-the XCom, the jobs page links it).
+holds both; without one it starts a run of its own. Either job writes its run to ``mlflow_run.json`` in its
+folder (the operators put it in the XCom, the jobs page links it).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -32,6 +32,8 @@ DEFAULT_EXPERIMENT = "mask2former"
 RUN_FILE = "mlflow_run.json"
 #: MLflow refuses param values longer than this.
 MAX_PARAM_CHARS = 500
+#: The ``user:password@`` part of a URI.
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,10 @@ class TrackingTarget:
         return f"MLflow tracking at {self.shown_uri} (from {self.source}), experiment {self.experiment!r}"
 
 
-def without_credentials(uri: str) -> str:
-    """``uri`` without a ``user:password@`` part, for logs and job folders."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+def without_credentials(text: str) -> str:
+    """``text`` (a URI, or a message naming URIs) without the ``user:password@`` part of its
+    URIs, for logs and job folders."""
+    return _USERINFO.sub("", text)
 
 
 def tracking_target(mlflow_cfg: Any) -> Optional[TrackingTarget]:
@@ -156,12 +156,12 @@ def log_exported_model(mlflow_cfg: Any, *, model_file: Path, checkpoint: Path, r
     log.info("export: %s", target.describe())
     client = MlflowClient(tracking_uri=target.uri)
     run = _training_run(client, checkpoint, target, log)
-    if run is None:
+    started = run is None
+    if started:
         run = _new_run(client, target, run_name=results_dir.name)
-        client.log_artifact(run.info.run_id, str(model_file), artifact_path="onnx")
+    client.log_artifact(run.info.run_id, str(model_file), artifact_path="onnx")
+    if started:
         client.set_terminated(run.info.run_id)
-    else:
-        client.log_artifact(run.info.run_id, str(model_file), artifact_path="onnx")
     log.info("export: %s logged to MLflow run %s", model_file.name, run.info.run_id)
     return write_run_record(results_dir, run_id=run.info.run_id, experiment_id=run.info.experiment_id,
                             target=target)

@@ -99,7 +99,8 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
         ``schema://host:port``, schema default http; extra ``experiment_name``, default mask2former), handed to
         the job (a local process or a pod) as ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``: a training
         job logs its params, per-epoch metrics and best checkpoint there, an export job adds the ONNX model to
-        the training run (the parent XCom's ``mlflow.run_id``, as ``MLFLOW_RUN_ID``), and the run id comes back in the XCom (``mlflow``). The spec's
+        the training run (the parent XCom's ``mlflow.run_id``, as ``MLFLOW_RUN_ID``), and the run id comes back
+        in the XCom (``mlflow``). The spec's
         ``mlflow.tracking_uri`` / ``mlflow.experiment_name``, when set, win over the connection (the spec is
         the more specific statement). A pod cannot reach a ``localhost`` / ``127.0.0.1`` server, and its spec
         would show a ``user:password@`` in the URI: such URIs are refused before the pod is created.

@@ -92,9 +92,9 @@ def test_training_is_tracked_in_mlflow_through_an_airflow_connection(mlflow_serv
 
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_ELSEWHERE", json.dumps(
         {"conn_type": "http", "host": "127.0.0.1", "port": free_port(), "schema": "http"}))
-    export = Mask2FormerExportOperator(task_id="export", parent=outcome, results_root=str(tmp_path / "results"),
-                                       mlflow_conn_id="mlflow_elsewhere",
-                                       spec_overrides=tiny_overrides(**SMALLEST, **{"mlflow.tracking_uri": mlflow_server}))
+    export = Mask2FormerExportOperator(
+        task_id="export", parent=outcome, results_root=str(tmp_path / "results"), mlflow_conn_id="mlflow_elsewhere",
+        spec_overrides=tiny_overrides(**SMALLEST, **{"mlflow.tracking_uri": mlflow_server}))
     exported = export.execute(fake_context(task_id="export"))
     assert exported["mlflow"]["run_id"] == run_id  # the training run holds the checkpoint and the ONNX model
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -115,8 +115,8 @@ def test_an_export_of_a_checkpoint_without_a_training_run_starts_a_run_in_the_sp
     for path in (checkpoint, model):
         path.parent.mkdir()
         path.write_bytes(b"model")
-    config = load_spec("export", overrides={"export.checkpoint": str(checkpoint), "mlflow.tracking_uri": mlflow_server,
-                                            "mlflow.experiment_name": "exports"})
+    config = load_spec("export", overrides={"export.checkpoint": str(checkpoint), "mlflow.experiment_name": "exports",
+                                            "mlflow.tracking_uri": mlflow_server})
     record = log_exported_model(config.mlflow, model_file=model, checkpoint=checkpoint, results_dir=model.parent,
                                 log=logging.getLogger("test"))
     assert json.loads((model.parent / "mlflow_run.json").read_text()) == record
