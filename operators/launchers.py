@@ -12,7 +12,9 @@ Both run the job entry point (:mod:`operators.pod_job`) on a :class:`~operators.
 A job process reaches storage with its own credentials: a local one gets the operator's connection's
 (:meth:`~operators.hooks.storage.Mask2FormerStorageHook.job_environment`) and encryption key in its
 environment; a pod gets them from Kubernetes Secrets (``aws_secret_name``, ``encryption_key_secret_name``:
-``secretKeyRef``s, never literals in the pod spec) or its service account.
+``secretKeyRef``s, never literals in the pod spec) or its service account. The MLflow settings
+(``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_RUN_ID``: no secrets) are the only worker values
+a pod spec carries literally.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mask2former.crypto import KEY_ENV
 from mask2former.processes import terminate_process_group
 
 from .utils.jobs import JOB_ENV, JobDescription, JobPaths, cache_root, process_env
+from .utils.tracking import TRACKING_ENV
 
 #: Never handed to a job process: the worker's connections, variables, cloud credentials and settings.
 SECRET_ENV_PREFIXES = ("AIRFLOW_CONN_", "AIRFLOW_VAR_", "AIRFLOW__", "AWS_", KEY_ENV)
@@ -152,8 +155,9 @@ class KubernetesPodLauncher:
                               local_dir=f"{POD_WORKSPACE}/job", cache_dir=f"{POD_WORKSPACE}/cache",
                               check_interval=check_interval)
 
-    def pod(self, job: JobDescription, *, name: str, labels: Optional[Dict[str, str]] = None) -> Any:
-        """The pod that runs ``job`` (built, not created)."""
+    def pod(self, job: JobDescription, *, name: str, labels: Optional[Dict[str, str]] = None,
+            settings: Optional[Dict[str, str]] = None) -> Any:
+        """The pod that runs ``job`` (built, not created); ``settings`` are plain environment values (MLflow's)."""
         from kubernetes.client import models as k8s
 
         limits = {GPU_RESOURCE: str(self.gpus)} if self.gpus else {}
@@ -163,6 +167,7 @@ class KubernetesPodLauncher:
         tolerations = self.tolerations if self.tolerations is not None else (
             [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}] if self.gpus else [])
         env = [k8s.V1EnvVar(name=JOB_ENV, value=job.to_json()), k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
+        env += [k8s.V1EnvVar(name=name, value=value) for name, value in sorted((settings or {}).items())]
         if self.encryption_key_secret_name:
             env.append(k8s.V1EnvVar(name=KEY_ENV, value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(
                 name=self.encryption_key_secret_name, key=self.encryption_key_secret_key))))
@@ -187,15 +192,17 @@ class KubernetesPodLauncher:
 
     def start(self, job: JobDescription, env: Dict[str, str], log: Log) -> Dict[str, Any]:
         """Create the pod through the provider's hook; returns ``{"name", "namespace", "kubernetes_conn_id"}``.
-        ``env`` is the local launcher's hand-over and must hold nothing here (a pod's secrets are Secrets)."""
+        ``env`` may hold only the plain MLflow settings (``TRACKING_ENV``), which become literal values of the pod
+        spec; a pod's secrets come from Kubernetes Secrets, never from the worker."""
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
         from airflow.providers.cncf.kubernetes.kubernetes_helper_functions import add_unique_suffix
 
-        if env:
+        if set(env) - set(TRACKING_ENV):
             raise ValueError("a pod takes its credentials and key from Kubernetes Secrets, never from the worker")
         name = add_unique_suffix(name=f"mask2former-{job.action.replace('_', '-')}")
         hook = KubernetesHook(conn_id=self.kubernetes_conn_id)
-        hook.core_v1_client.create_namespaced_pod(namespace=self.namespace, body=self.pod(job, name=name))
+        hook.core_v1_client.create_namespaced_pod(namespace=self.namespace,
+                                                  body=self.pod(job, name=name, settings=env))
         log(f"{job.action} job {job.job_id}: pod {self.namespace}/{name} of image {self.image} "
             f"({self.gpus} GPU(s)); results go to {job.publish_uri}")
         return {"name": name, "namespace": self.namespace, "kubernetes_conn_id": self.kubernetes_conn_id}

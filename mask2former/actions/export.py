@@ -29,6 +29,7 @@ from ..export.parity import ParityResult, check_parity, sample_inputs
 from ..export.simplify import SimplifyResult, simplify_onnx
 from ..runtime.inference_model import InferenceModel
 from ..runtime.onnx_runner import OnnxRunner
+from ..training.tracking import log_exported_model, without_credentials
 from .job import ActionError, ActionResult, Job
 from ..model_files import resolve_model_file
 from .resource_failures import reports_resource_failures
@@ -149,6 +150,14 @@ def run(config: Any, job: Job) -> ActionResult:
             raise ActionError(f"onnxruntime does not match PyTorch: {parity.describe_failure()} "
                               f"(export.parity_tolerance); no ONNX file was written, see {REPORT_FILE}.")
         publish_model_file(final, target, encryption_key=config.encryption_key)
+    try:
+        log_exported_model(config.mlflow, model_file=target, checkpoint=checkpoint, results_dir=job.results_dir,
+                           log=job.log)
+    except Exception as exc:  # noqa: BLE001 - MLflow and its HTTP layer raise many types
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        raise ActionError(f"{target} was written, but logging it to MLflow failed ({type(exc).__name__}: "
+                          f"{without_credentials(first_line)}); check mlflow.tracking_uri / "
+                          "MLFLOW_TRACKING_URI.") from None
     metrics = {"parity_max_abs_diff": parity.max_abs_diff, "parity_tolerance": parity.tolerance,
                "simplified": simplification.applied, "onnx_size_bytes": report["size_bytes"],
                "opset_version": graph.opset_version}

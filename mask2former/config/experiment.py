@@ -9,7 +9,7 @@ from .actions import EvaluateConfig, ExportConfig, GenTrtEngineConfig, Inference
 from .dataset import DatasetConfig
 from .fields import section, spec_field
 from .model import ModelConfig
-from .train import TrainConfig, WandbConfig
+from .train import MlflowConfig, TrainConfig, WandbConfig
 
 ACTIONS = ("train", "evaluate", "inference", "export", "quantize", "gen_trt_engine")
 
@@ -19,10 +19,10 @@ COMMON_KEYS = ("results_dir", "encryption_key", "model_name")
 # The sections an action reads. A key of another section is refused for that action, so no key
 # in a spec is silently ignored.
 ACTION_SECTIONS = {
-    "train": ("model", "dataset", "train", "wandb"),
+    "train": ("model", "dataset", "train", "wandb", "mlflow"),
     "evaluate": ("model", "dataset", "evaluate"),
     "inference": ("model", "dataset", "inference"),
-    "export": ("model", "export"),
+    "export": ("model", "export", "mlflow"),
     "quantize": ("model", "dataset", "quantize"),
     "gen_trt_engine": ("gen_trt_engine",),
 }
@@ -51,6 +51,8 @@ class ExperimentConfig:
     model_name: str = spec_field("mask2former", description="Network family.", enum=["mask2former"],
                                  no_effect="this tool runs Mask2Former only.")
     wandb: WandbConfig = section(WandbConfig, "Weights & Biases logging of training (Lightning's WandbLogger).")
+    mlflow: MlflowConfig = section(MlflowConfig, "MLflow experiment tracking of training and export (Lightning's "
+                                                 "MLFlowLogger); off unless a tracking URI is given.")
     model: ModelConfig = section(ModelConfig, "Model architecture, loss and post-processing.")
     dataset: DatasetConfig = section(DatasetConfig, "Data, label map and augmentation.")
     train: TrainConfig = section(TrainConfig, "Training.")

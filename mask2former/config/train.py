@@ -120,3 +120,16 @@ class WandbConfig:
     save_code: bool = spec_field(False, description="Save the main script with the run.")
     name: str = spec_field("TAO Toolkit training experiment", description="W&B run name.")
     run_id: str = spec_field("", description="W&B run id (empty: a new run; set it to resume a run).")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: Optional[str] = spec_field(
+        None, description="MLflow tracking server of this job (train logs params, per-epoch metrics and the best "
+                          "checkpoint; export logs the ONNX model into the training run). It wins over the "
+                          "environment's MLFLOW_TRACKING_URI (which the operators' mlflow_conn_id sets); null: that "
+                          "variable, and no tracking without it. Credentials go in MLflow's own variables "
+                          "(MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), not in the URI.", nullable=True)
+    experiment_name: Optional[str] = spec_field(
+        None, description="MLflow experiment of the run; null: the environment's MLFLOW_EXPERIMENT_NAME, else "
+                          "mask2former.", nullable=True)

@@ -226,7 +226,8 @@ def build_trainer(config: Any, *, plan: DevicePlan, results_dir: Path, status: r
     # version_N folders: a resumed attempt adds its own logs next to the interrupted one's
     loggers = [TensorBoardLogger(save_dir=str(logs), name="tensorboard"), CSVLogger(save_dir=str(logs), name="csv")]
     trackers = (wandb_logger(config.wandb, save_dir=logs / "wandb"),
-                mlflow_logger(results_dir=results_dir, params=_public_spec(config)) if _is_rank_zero() else None)
+                mlflow_logger(config.mlflow, results_dir=results_dir, params=_public_spec(config), log=log)
+                if _is_rank_zero() else None)
     loggers += [tracker for tracker in trackers if tracker is not None]
     torch.backends.cudnn.benchmark = train.cudnn.benchmark
     torch.backends.cudnn.deterministic = train.cudnn.deterministic
@@ -276,7 +277,7 @@ def run_training(config: Any, *, plan: DevicePlan, datasets: TrainingDatasets, r
     best = results.read_best(results_dir) if saver.best_value is not None else None
     tracked = next((lg for lg in trainer.loggers if type(lg).__name__ == "MLFlowLogger"), None)
     if tracked is not None and trainer.is_global_zero:
-        finish_run(tracked, results_dir=results_dir,
+        finish_run(tracked, config.mlflow, results_dir=results_dir,
                    checkpoint=results_dir / best["checkpoint"] if best else latest)
     return TrainingOutcome(
         epochs=trainer.current_epoch, global_step=trainer.global_step,

@@ -50,25 +50,13 @@ from ..utils.jobs import JobPaths, default_results_root, job_id, record_job_loca
 from ..utils.outcome import published_outcome
 from ..utils.overrides import coerce_overrides, is_templated, job_overrides, validate_literal_overrides
 from ..utils.parents import ParentError, resolve_parent
+from ..utils.tracking import (RUN_ID_ENV, TRACKING_URI_ENV, is_loopback, mlflow_environment, parent_run_id,
+                              without_credentials)
 
 #: Data-source keys of the training split, which only train reads (evaluate/inference/quantize keep
 #: the label map and their own splits, so their staging never downloads the training annotations).
 _TRAIN_SPLIT_KEYS = ("dataset.train.img_dir", "dataset.train.instance_json", "dataset.train.panoptic_json",
                      "dataset.train.panoptic_dir", "dataset.train.annot_file", "dataset.train.root_dir")
-
-
-def mlflow_tracking_uri(conn_id: str) -> str:
-    """The tracking URI an Airflow connection names (extra ``tracking_uri``, else schema://host:port)."""
-    from airflow.sdk import BaseHook
-
-    conn = BaseHook.get_connection(conn_id)
-    uri = conn.extra_dejson.get("tracking_uri")
-    if uri:
-        return str(uri)
-    host = conn.host or "localhost"
-    if "://" in host:
-        return host + (f":{conn.port}" if conn.port else "")
-    return f"{conn.schema or 'http'}://{host}" + (f":{conn.port}" if conn.port else "")
 
 
 def stale_after(check_interval: float) -> float:
@@ -108,8 +96,14 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
     :param wait_for_completion: False returns as soon as the job is launched (it runs detached).
     :param check_interval: seconds between looks at a detached job (and between its heartbeats).
     :param mlflow_conn_id: Airflow connection of an MLflow tracking server (its extra ``tracking_uri``, else
-        ``schema://host:port``, schema default http): the training job logs its params, per-epoch metrics and
-        model checkpoint there, and the run id comes back in the XCom (``mlflow``).
+        ``schema://host:port``, schema default http; extra ``experiment_name``, default mask2former), handed to
+        the job (a local process or a pod) as ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``: a training
+        job logs its params, per-epoch metrics and best checkpoint there, an export job adds the ONNX model to
+        the training run (the parent XCom's ``mlflow.run_id``, as ``MLFLOW_RUN_ID``), and the run id comes back
+        in the XCom (``mlflow``). The spec's
+        ``mlflow.tracking_uri`` / ``mlflow.experiment_name``, when set, win over the connection (the spec is
+        the more specific statement). A pod cannot reach a ``localhost`` / ``127.0.0.1`` server, and its spec
+        would show a ``user:password@`` in the URI: such URIs are refused before the pod is created.
     :param job_timeout: the longest a detached job may run (seconds or a timedelta); then it is stopped and
         the task fails.
     """
@@ -255,16 +249,43 @@ class Mask2FormerBaseOperator(EncryptionKeyArguments, BaseOperator):
             self.log.warning("could not record the skip in %s: %s", paths.publish_uri, error)
 
     def job_env(self, publish_uri: str, overrides: Dict[str, Any], key: Optional[str]) -> Dict[str, str]:
-        """What a local job process needs from this worker: the connection's S3 settings when it touches S3,
-        and the encryption key. A pod gets both from Kubernetes Secrets."""
+        """What the job needs from this worker: the MLflow settings of ``mlflow_conn_id``; for a local process
+        also the connection's S3 settings when it touches S3, and the encryption key (a pod gets those two from
+        Kubernetes Secrets)."""
+        tracking = self.tracking_env(overrides)
         if not self.launcher.runs_here:
-            return {}
+            return tracking
         touches_s3 = uri_scheme(publish_uri) == "s3" or any(
             isinstance(v, str) and v.startswith("s3://") for v in overrides.values())
-        env = self.hook.job_environment() if touches_s3 else {}
-        if self.mlflow_conn_id:
-            env["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri(self.mlflow_conn_id)
+        env = {**(self.hook.job_environment() if touches_s3 else {}), **tracking}
         return {**env, KEY_ENV: key} if key else env
+
+    def tracking_env(self, overrides: Dict[str, Any]) -> Dict[str, str]:
+        """``mlflow_conn_id`` as MLflow's environment variables; logs the tracking URI the job will use (the
+        spec's ``mlflow.tracking_uri`` wins), and refuses for a pod a loopback URI (the pod could not reach it)
+        or one with credentials (the pod spec would show them)."""
+        env = mlflow_environment(self.mlflow_conn_id) if self.mlflow_conn_id else {}
+        spec_uri = overrides.get("mlflow.tracking_uri")
+        uri = spec_uri or env.get(TRACKING_URI_ENV)
+        if not uri:
+            return env
+        source = "the spec's mlflow.tracking_uri" if spec_uri else f"connection {self.mlflow_conn_id!r}"
+        overruled = f"; it wins over connection {self.mlflow_conn_id!r}" if spec_uri and env else ""
+        if is_loopback(uri) and not self.launcher.runs_here:
+            raise AirflowFailException(
+                f"{self.action}: the MLflow tracking URI {without_credentials(uri)} (from {source}) names "
+                "localhost, which inside a pod is the pod itself: give a URI the pod can reach (a Service name "
+                "such as http://mlflow.<namespace>.svc:5000, or an external address). Nothing was run.")
+        if without_credentials(uri) != uri and not self.launcher.runs_here:
+            raise AirflowFailException(
+                f"{self.action}: the MLflow tracking URI {without_credentials(uri)} (from {source}) carries "
+                "credentials, which a pod spec would show in plain text: give them as MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD entries of a Kubernetes Secret the pod reads (aws_secret_name's "
+                "entries all become its environment). Nothing was run.")
+        self.log.info("%s: MLflow tracking at %s (from %s%s)", self.action, without_credentials(uri), source,
+                      overruled)
+        run_id = parent_run_id(self.parent) if self.action == "export" else None
+        return {**env, RUN_ID_ENV: run_id} if run_id else env
 
     def live_job(self, paths: JobPaths) -> Optional[Dict[str, Any]]:
         """The heartbeat of a job still running in this task's folder (an earlier attempt's), or None. A recent

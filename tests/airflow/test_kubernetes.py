@@ -143,6 +143,54 @@ def test_a_retried_pod_task_follows_its_live_pod_instead_of_starting_another(exa
     assert deferred.value.trigger.pod["name"] == "mask2former-train-alive"
 
 
+def test_a_pod_gets_the_mlflow_connection_as_its_environment_and_a_localhost_server_is_refused(
+        example, cluster, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+    from structlog.testing import capture_logs
+
+    train = example["train"]
+    train.spec_overrides, train.mlflow_conn_id = tiny_overrides(), "mlflow_k8s"
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_K8S", json.dumps({
+        "conn_type": "http", "host": "mlflow.ml.svc", "port": 5000, "extra": {"experiment_name": "segmentation"}}))
+    with capture_logs() as task_log, pytest.raises(TaskDeferred):
+        train.execute(fake_context(dag_id="mask2former_pods", run_id="tracked", task_id="train"))
+    assert {"event": "train: MLflow tracking at http://mlflow.ml.svc:5000 (from connection 'mlflow_k8s')",
+            "log_level": "info"} in task_log
+    [(_, pod)] = cluster.created
+    env = {e.name: e.value for e in pod.spec.containers[0].env}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.ml.svc:5000"
+    assert env["MLFLOW_EXPERIMENT_NAME"] == "segmentation"
+
+    for uri, refusal in (("http://127.0.0.1:5000", r"MLflow tracking URI http://127.0.0.1:5000 .*names localhost"),
+                         ("https://ml:hunter2@mlflow.example.com",
+                          r"MLflow tracking URI https://mlflow.example.com .*carries credentials")):
+        monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_K8S", json.dumps({"conn_type": "http", "extra": {"tracking_uri": uri}}))
+        with pytest.raises(AirflowFailException, match=refusal) as refused:
+            train.execute(fake_context(dag_id="mask2former_pods", run_id="refused", task_id="train"))
+        assert "hunter2" not in str(refused.value)
+    assert len(cluster.created) == 1  # no pod for a refused task
+
+
+def test_an_export_pod_is_told_the_mlflow_run_of_its_parent_training_job(example, cluster, monkeypatch, tmp_path):
+    from operators import Mask2FormerExportOperator
+
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_K8S", json.dumps({"conn_type": "http", "host": "mlflow.ml.svc",
+                                                              "port": 5000}))
+    trained = "s3://results/mask2former/mask2former_pods/earlier/train"
+    Mask2FormerStorageHook().publish(fake_train_folder(tmp_path / "trained"), trained)
+    parent = {"action": "train", "job_id": "train", "results_dir": trained, "status": "SUCCESS",
+              "mlflow": {"run_id": "0123abcd", "experiment_id": "3", "tracking_uri": "http://mlflow.ml.svc:5000"}}
+    export = Mask2FormerExportOperator(task_id="export", parent=parent, launcher=example["gpu_pod"],
+                                       results_root="s3://results/mask2former", mlflow_conn_id="mlflow_k8s",
+                                       deferrable=True)
+    with pytest.raises(TaskDeferred):
+        export.execute(fake_context(dag_id="mask2former_pods", task_id="export"))
+    [(_, pod)] = cluster.created
+    env = {e.name: e.value for e in pod.spec.containers[0].env}
+    # the checkpoint is staged from S3 without its run file: the pod's export adds its ONNX model to this run
+    assert env["MLFLOW_RUN_ID"] == "0123abcd" and env["MLFLOW_TRACKING_URI"] == "http://mlflow.ml.svc:5000"
+
+
 def test_every_launcher_value_in_the_readme_works_or_is_refused_when_the_dag_is_parsed():
     values = set(re.findall(r'launcher=("[^"]*"|[A-Za-z_]+\(?)', (REPO / "README.md").read_text()))
     assert values == {"LocalProcessLauncher(", "KubernetesPodLauncher(", '"kubernetes"', "gpu_pod"}  # gpu_pod: above
