@@ -29,7 +29,8 @@ from ..export.parity import ParityResult, check_parity, sample_inputs
 from ..export.simplify import SimplifyResult, simplify_onnx
 from ..runtime.inference_model import InferenceModel
 from ..runtime.onnx_runner import OnnxRunner
-from ..training.tracking import log_exported_model, without_credentials
+from ..training.tracking import log_exported_model
+from ..uris import without_credentials
 from .job import ActionError, ActionResult, Job
 from ..model_files import resolve_model_file
 from .resource_failures import reports_resource_failures

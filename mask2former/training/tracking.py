@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from ..uris import without_credentials
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -32,8 +33,6 @@ DEFAULT_EXPERIMENT = "mask2former"
 RUN_FILE = "mlflow_run.json"
 #: MLflow refuses param values longer than this.
 MAX_PARAM_CHARS = 500
-#: The ``user:password@`` part of a URI.
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 @dataclass(frozen=True)
@@ -50,12 +49,6 @@ class TrackingTarget:
 
     def describe(self) -> str:
         return f"MLflow tracking at {self.shown_uri} (from {self.source}), experiment {self.experiment!r}"
-
-
-def without_credentials(text: str) -> str:
-    """``text`` (a URI, or a message naming URIs) without the ``user:password@`` part of its
-    URIs, for logs and job folders."""
-    return _USERINFO.sub("", text)
 
 
 def tracking_target(mlflow_cfg: Any) -> Optional[TrackingTarget]:

@@ -38,6 +38,7 @@ from mask2former import results
 from mask2former.config import SpecError
 from mask2former.crypto import KEY_ENV
 from mask2former.data.sources import DATASET_FORMATS, NO_DATA_ACTIONS, join_uri, plan_data_sources, uri_scheme
+from mask2former.uris import without_credentials
 
 from ..hooks.storage import Mask2FormerStorageHook
 from ..launchers import KubernetesPodLauncher, check_launcher
@@ -50,8 +51,7 @@ from ..utils.jobs import JobPaths, default_results_root, job_id, record_job_loca
 from ..utils.outcome import published_outcome
 from ..utils.overrides import coerce_overrides, is_templated, job_overrides, validate_literal_overrides
 from ..utils.parents import ParentError, resolve_parent
-from ..utils.tracking import (RUN_ID_ENV, TRACKING_URI_ENV, is_loopback, mlflow_environment, parent_run_id,
-                              without_credentials)
+from ..utils.tracking import RUN_ID_ENV, TRACKING_URI_ENV, is_loopback, mlflow_environment, parent_run_id
 
 #: Data-source keys of the training split, which only train reads (evaluate/inference/quantize keep
 #: the label map and their own splits, so their staging never downloads the training annotations).

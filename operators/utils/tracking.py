@@ -4,7 +4,6 @@ environment variables (the engine reads them; the spec's ``mlflow.tracking_uri``
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping
 from typing import Any, Dict, Optional
 from urllib.parse import urlsplit
@@ -14,8 +13,6 @@ EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 #: Plain (not secret) settings that may travel in a pod spec as literal values.
 TRACKING_ENV = (TRACKING_URI_ENV, EXPERIMENT_ENV, RUN_ID_ENV)
-#: The ``user:password@`` part of a URI.
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def mlflow_environment(conn_id: str) -> Dict[str, str]:
@@ -35,12 +32,6 @@ def _host_uri(conn: object) -> str:
     host = conn.host or "localhost"
     port = f":{conn.port}" if conn.port else ""
     return host + port if "://" in host else f"{conn.schema or 'http'}://{host}{port}"
-
-
-def without_credentials(text: str) -> str:
-    """``text`` (a URI, or a message naming URIs) without the ``user:password@`` part of its
-    URIs, for the task log."""
-    return _USERINFO.sub("", text)
 
 
 def is_loopback(uri: str) -> bool:
