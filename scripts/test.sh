@@ -18,5 +18,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 .venv/bin/python -m mask2former schemas --check
 .venv/bin/lint-imports --no-cache
 # test files run in parallel worker processes (PYTEST_WORKERS, default 3): most of the suite waits on Airflow
-# schedulers and job processes rather than computing; a file stays in one worker (module-scoped Airflow stacks)
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=1200 -n "${PYTEST_WORKERS:-3}" --dist loadfile "$@"
+# schedulers and job processes rather than computing; a file stays in one worker (module-scoped Airflow stacks).
+# The 15 slowest tests are listed at the end, to see where the suite's time goes.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=1200 -n "${PYTEST_WORKERS:-3}" --dist loadfile \
+    --durations=15 "$@"
