@@ -7,15 +7,18 @@ password is written before start (SimpleAuthManager keeps an existing passwords 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 from urllib.parse import quote
 
 import requests
@@ -30,6 +33,29 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def reachable(command: List[str]) -> bool:
+    """Whether ``command`` (a client such as pg_isready or redis-cli) is installed and succeeds."""
+    if shutil.which(command[0]) is None:
+        return False
+    return subprocess.run(command, capture_output=True, timeout=20).returncode == 0
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[Optional[str]]:
+    """A new database on the PostgreSQL server of 127.0.0.1:5432 (user ``postgres``, trust authentication), as
+    a SQLAlchemy URL, dropped afterwards; None when no server answers there."""
+    if not reachable(["pg_isready", "-h", "127.0.0.1", "-U", "postgres"]):
+        yield None
+        return
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    psql = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c"]
+    subprocess.run(psql + [f"CREATE DATABASE {name}"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        subprocess.run(psql + [f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], capture_output=True)
 
 
 class AirflowStack:

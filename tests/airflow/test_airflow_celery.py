@@ -8,13 +8,9 @@ database 14 is used.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import uuid
-
 import pytest
 
-from airflow_stack import AirflowStack
+from airflow_stack import AirflowStack, fresh_postgres_database, reachable
 from helpers import make_dataset, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -23,35 +19,23 @@ PIPELINE = "mask2former_pipeline"
 REDIS_DB = 14
 
 
-def _reachable(command: list) -> bool:
-    if shutil.which(command[0]) is None:
-        return False
-    return subprocess.run(command, capture_output=True, timeout=20).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def database():
-    if not _reachable(["pg_isready", "-h", "127.0.0.1", "-U", "postgres"]):
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 as user postgres")
-    if not _reachable(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "ping"]):
+    if not reachable(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "ping"]):
         pytest.skip("Redis is not reachable on 127.0.0.1:6379")
-    name = f"m2f_airflow_{uuid.uuid4().hex[:10]}"
-    psql = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c"]
-    subprocess.run(psql + [f"CREATE DATABASE {name}"], check=True, capture_output=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(psql + [f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], capture_output=True)
+    with fresh_postgres_database("m2f_airflow") as url:
+        if url is None:
+            pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 as user postgres")
+        yield url
 
 
 @pytest.fixture(scope="module")
 def celery_stack(tmp_path_factory, database):
     home = tmp_path_factory.mktemp("airflow-celery")
-    postgres = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
-    stack = AirflowStack(home, sql_alchemy_conn=postgres, executor="CeleryExecutor", celery_queues="default,gpu",
+    stack = AirflowStack(home, sql_alchemy_conn=database, executor="CeleryExecutor", celery_queues="default,gpu",
                          extra_env={
                              "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-                             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
+                             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{database}",
                              "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
                              # a deployment with a GPU worker: the GPU stages go to its queue and pool
                              "MASK2FORMER_GPU_WORKERS": "true",

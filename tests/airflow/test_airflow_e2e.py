@@ -1,5 +1,6 @@
 """End to end on a real Airflow (scheduler, dag-processor and API server processes; LocalExecutor;
-SQLite): DAGs triggered through the REST API with trigger params, datasets in a moto S3 server reached
+PostgreSQL metadata on 127.0.0.1, a fresh database dropped afterwards, else SQLite: on two loaded cores
+SQLite's one writer lock held the API server past its 60 s timeout while the scheduler stalled): DAGs triggered through the REST API with trigger params, datasets in a moto S3 server reached
 through the ``aws_default`` connection, real engine jobs on a tiny model.
 
 * the pipeline: every task's XCom, the published results folders, the metrics; the training process is
@@ -25,7 +26,7 @@ import psutil
 import pytest
 import yaml
 
-from airflow_stack import AirflowStack
+from airflow_stack import AirflowStack, fresh_postgres_database
 from operators.utils.jobs import job_id
 from helpers import make_dataset, tiny_overrides, upload_tree
 from s3_server import moto_endpoint, moto_server, new_bucket, s3_client  # noqa: F401 - pytest fixtures
@@ -53,11 +54,17 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, moto_endpoint, data):
+def metadata_database():
+    with fresh_postgres_database("m2f_e2e") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, moto_endpoint, data, metadata_database):
     home = tmp_path_factory.mktemp("airflow-e2e")
     connection = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET,
                   "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
-    stack = AirflowStack(home, extra_env={
+    stack = AirflowStack(home, sql_alchemy_conn=metadata_database, extra_env={
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection),
         "MASK2FORMER_RESULTS_ROOT": str(home / "results"),
         "MASK2FORMER_WORK_DIR": str(home / "work"),
@@ -66,7 +73,7 @@ def stack(tmp_path_factory, moto_endpoint, data):
         "MASK2FORMER_EVAL_DATASET": str(data / "retrain" / "eval"),
     })
     try:
-        stack.start()
+        stack.start(timeout=240)
         stack.wait_dag(PIPELINE)
         stack.wait_dag(RETRAIN)
         stack.unpause(PIPELINE)
