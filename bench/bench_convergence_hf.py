@@ -84,25 +84,6 @@ def build_port(config: Any):
     return Mask2FormerForUniversalSegmentation(port_config)
 
 
-def port_param_groups(model, optim_cfg: Any) -> List[Dict[str, Any]]:
-    """The project's AdamW groups, mapped onto the port's parameter names."""
-    import torch
-    from mask2former.training.optim import NO_DECAY_NAMES, NORM_TYPES
-
-    no_decay = set()
-    for module_name, module in model.named_modules():
-        whole = isinstance(module, NORM_TYPES) or isinstance(module, torch.nn.Embedding)
-        for param_name, _ in module.named_parameters(recurse=False):
-            if whole or param_name in NO_DECAY_NAMES or param_name.endswith("position_embeddings"):
-                no_decay.add(f"{module_name}.{param_name}" if module_name else param_name)
-    groups: Dict[tuple, List[Any]] = {}
-    for name, param in model.named_parameters():
-        groups.setdefault((name.startswith(HF_BACKBONE_PREFIX), name not in no_decay), []).append(param)
-    return [{"params": params, "lr": optim_cfg.lr * (optim_cfg.backbone_multiplier if backbone else 1.0),
-             "weight_decay": optim_cfg.weight_decay if decay else 0.0}
-            for (backbone, decay), params in groups.items()]
-
-
 def port_worker(spec_file: Path, out: Path, started: float) -> None:
     """Train the port for the spec's epochs; after each epoch validate and append a line to ``out``."""
     import torch
@@ -115,8 +96,7 @@ def port_worker(spec_file: Path, out: Path, started: float) -> None:
     from mask2former.evaluation.pipeline import build_evaluator
     from mask2former.training.data_order import TrainingOrderSampler
     from mask2former.training.lightning_module import summary_metrics
-    from mask2former.training.optim import lr_multiplier_fn
-    from mask2former.training.session import steps_per_epoch
+    from mask2former.training.optim import build_param_groups, lr_multiplier_fn
 
     config = load_spec("train", spec=yaml.safe_load(spec_file.read_text()))
     torch.manual_seed(config.train.seed)
@@ -129,10 +109,12 @@ def port_worker(spec_file: Path, out: Path, started: float) -> None:
     evaluator = build_evaluator(config, val_set)
     model = build_port(config)
     optim_cfg = config.train.optim
-    optimizer = torch.optim.AdamW(port_param_groups(model, optim_cfg), lr=optim_cfg.lr,
+    groups = build_param_groups(model, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
+                                backbone_multiplier=optim_cfg.backbone_multiplier, backbone_prefix=HF_BACKBONE_PREFIX)
+    optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr,
                                   betas=(optim_cfg.momentum, 0.999), weight_decay=optim_cfg.weight_decay, fused=True)
     epochs = config.train.num_epochs
-    epoch_steps = steps_per_epoch(config, plan=_SinglePlan(), train_images=len(train_set))
+    epoch_steps = len(train_loader)  # one process: the batches of an epoch
     multiplier = lr_multiplier_fn(scheduler=optim_cfg.lr_scheduler, total_steps=epoch_steps * epochs,
                                   steps_per_epoch=epoch_steps, milestones=list(optim_cfg.milestones),
                                   gamma=optim_cfg.gamma, warmup_iters=optim_cfg.warmup_iters,
@@ -166,10 +148,6 @@ def port_worker(spec_file: Path, out: Path, started: float) -> None:
                 "train_loss": sum(losses) / len(losses), **summary}
         with open(out, "a") as fh:
             fh.write(json.dumps(line) + "\n")
-
-
-class _SinglePlan:
-    world_size = 1
 
 
 # --------------------------------------------------------------------------- the race

@@ -59,19 +59,20 @@ def _no_decay_parameter_names(model: nn.Module) -> set:
     return names
 
 
-def classify_parameters(model: nn.Module) -> Dict[str, ParamGroupInfo]:
-    """Group of every trainable parameter, by full parameter name."""
+def classify_parameters(model: nn.Module, backbone_prefix: str = BACKBONE_PREFIX) -> Dict[str, ParamGroupInfo]:
+    """Group of every trainable parameter, by full parameter name (``backbone_prefix`` starts the backbone's
+    names: this project's networks use the default; bench/ maps the Hugging Face port's)."""
     no_decay = _no_decay_parameter_names(model)
-    return {name: ParamGroupInfo(backbone=name.startswith(BACKBONE_PREFIX), decay=name not in no_decay)
+    return {name: ParamGroupInfo(backbone=name.startswith(backbone_prefix), decay=name not in no_decay)
             for name, param in model.named_parameters() if param.requires_grad}
 
 
-def build_param_groups(model: nn.Module, *, lr: float, weight_decay: float,
-                       backbone_multiplier: float) -> List[Dict[str, Any]]:
+def build_param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_multiplier: float,
+                       backbone_prefix: str = BACKBONE_PREFIX) -> List[Dict[str, Any]]:
     """AdamW parameter groups (non-empty ones only), each with "name", "lr", "weight_decay", "params"."""
     params = dict(model.named_parameters())
     buckets: Dict[ParamGroupInfo, List[torch.nn.Parameter]] = {}
-    for name, info in classify_parameters(model).items():
+    for name, info in classify_parameters(model, backbone_prefix).items():
         buckets.setdefault(info, []).append(params[name])
     groups = []
     for info in sorted(buckets, key=lambda i: (not i.backbone, not i.decay)):
