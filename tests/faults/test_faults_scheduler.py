@@ -186,7 +186,9 @@ def faults(stack, data):
     wait_for(lambda: any(worker_folder.glob("model_epoch_001_*.pth")), 600, "no first checkpoint", poll=0.02)
     outcome["killed"] = kill_worker(stack, engine)
     outcome["checkpointed"] = max(c.epoch for c in results.list_checkpoints(worker_folder))
-    outcome["epochs_done"] = epochs_done(worker_folder)
+    # an epoch's checkpoint is written just before its "Epoch N done" line: a kill between the two leaves the
+    # checkpoint as the proof that the epoch was done
+    outcome["epochs_done"] = max(epochs_done(worker_folder), outcome["checkpointed"])
     outcome["killed_at"] = time.time()
 
     outcome["states"] = {
